@@ -1,0 +1,378 @@
+"""The catalog: SQLite through SQLAlchemy, the source of truth for images, their metadata and their vectors."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import (
+    DDL,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from clipsearch.errors import LibraryError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+def utcnow() -> datetime:
+    """The current time as a naive UTC datetime (SQLite stores no zone)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    """One image file known to the library (indexed, or failed with a reason)."""
+
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    root: Mapped[str] = mapped_column(String, index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str | None] = mapped_column(String, index=True)
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    format: Mapped[str | None] = mapped_column(String)
+    taken_at: Mapped[datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String, index=True)
+    error: Mapped[str | None] = mapped_column(String)
+    indexed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class EmbeddingRow(Base):
+    """The vector of one image, tagged with the model that made it."""
+
+    __tablename__ = "embeddings"
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String, index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RootRow(Base):
+    """A folder the user asked to index."""
+
+    __tablename__ = "roots"
+    path: Mapped[str] = mapped_column(String, primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_indexed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class MetaRow(Base):
+    """Library-wide key/value metadata (schema version, model...)."""
+
+    __tablename__ = "library_meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class VectorChangeRow(Base):
+    """Log of embedding changes, filled by triggers, so derived vector stores can catch up incrementally."""
+
+    __tablename__ = "vector_changes"
+    __table_args__ = {"sqlite_autoincrement": True}
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(Integer)
+
+
+# Triggers rather than application code, so no writer can change a vector without the stores noticing.
+for _op, _ref in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
+    event.listen(
+        EmbeddingRow.__table__,
+        "after_create",
+        DDL(
+            f"CREATE TRIGGER IF NOT EXISTS embeddings_log_{_op.lower()} AFTER {_op} ON embeddings "
+            f"BEGIN INSERT INTO vector_changes (image_id) VALUES ({_ref}.image_id); END"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class KnownImage:
+    """A lightweight snapshot of one catalog row, for planning an indexing run."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+    model: str | None  # model of its embedding, None when it has none
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # NORMAL is safe against process crashes (kill -9) in WAL mode; only power loss can drop the last commits.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    """Serialise one vector as little-endian float32 bytes."""
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+class Catalog:
+    """Access to one library's SQLite catalog; every write goes through `write()`."""
+
+    def __init__(self, db_path: Path | str):
+        self.db_path = Path(db_path)
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LibraryError(f"cannot create library folder {self.db_path.parent}: {e}", "choose another --data-dir") from e
+        self.engine = create_engine(f"sqlite:///{self.db_path}", future=True)
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self.engine)
+            self._check_schema()
+        except OperationalError as e:
+            raise _storage_error(e, self.db_path) from e
+
+    def _check_schema(self) -> None:
+        with self.write() as session:
+            found = session.get(MetaRow, "schema_version")
+            if found is None:
+                session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(found.value) > SCHEMA_VERSION:
+                raise LibraryError(
+                    f"library {self.db_path.parent} was written by a newer clipsearch (schema {found.value}, "
+                    f"this version reads up to {SCHEMA_VERSION})",
+                    "upgrade clipsearch (pip install -U clipsearch) or use another --data-dir",
+                )
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only session."""
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session committed as one transaction on success, rolled back on error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except OperationalError as e:
+            session.rollback()
+            raise _storage_error(e, self.db_path) from e
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # --- metadata -------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        """One library metadata value, or None."""
+        with self.read() as session:
+            row = session.get(MetaRow, key)
+            return row.value if row else None
+
+    def set_meta(self, session: Session, key: str, value: str) -> None:
+        """Set a library metadata value inside a write session."""
+        session.merge(MetaRow(key=key, value=value))
+
+    def library_model(self) -> dict[str, str] | None:
+        """The model the library's vectors come from: {'model_id', 'model', 'pretrained', 'dim'}, or None."""
+        with self.read() as session:
+            rows = {r.key: r.value for r in session.scalars(select(MetaRow).where(MetaRow.key.like("model%")))}
+        if "model_id" not in rows:
+            return None
+        return {
+            "model_id": rows["model_id"],
+            "model": rows.get("model_name", ""),
+            "pretrained": rows.get("model_pretrained", ""),
+            "dim": rows.get("model_dim", "0"),
+        }
+
+    def set_library_model(self, session: Session, model_id: str, model: str, pretrained: str, dim: int) -> None:
+        """Record which model the library's vectors come from."""
+        for key, value in (("model_id", model_id), ("model_name", model), ("model_pretrained", pretrained), ("model_dim", str(dim))):
+            self.set_meta(session, key, value)
+
+    # --- queries --------------------------------------------------------------------------------
+    def known_under(self, roots: Iterable[str]) -> dict[str, KnownImage]:
+        """Every catalog row whose path lies under one of the given folders, keyed by path."""
+        result: dict[str, KnownImage] = {}
+        with self.read() as session:
+            for root in roots:
+                low = root.rstrip("/") + "/"
+                # '0' follows '/' in byte order: [root/, root0) is exactly the paths under root, using the index.
+                high = root.rstrip("/") + "0"
+                query = (
+                    select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash,
+                           ImageRow.status, EmbeddingRow.model)
+                    .outerjoin(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+                    .where(ImageRow.path >= low, ImageRow.path < high)
+                )
+                for row in session.execute(query):
+                    result[row.path] = KnownImage(*row)
+        return result
+
+    def find_by_hash(self, content_hash: str) -> list[KnownImage]:
+        """Rows whose file content has this hash (to recognise moved files)."""
+        with self.read() as session:
+            query = (
+                select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash,
+                       ImageRow.status, EmbeddingRow.model)
+                .outerjoin(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+                .where(ImageRow.content_hash == content_hash)
+            )
+            return [KnownImage(*row) for row in session.execute(query)]
+
+    def image_by_path(self, path: str) -> ImageRow | None:
+        """The row of one path, or None."""
+        with self.read() as session:
+            return session.scalars(select(ImageRow).where(ImageRow.path == path)).first()
+
+    def images_by_id(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        """Rows for the given ids (missing ids are left out)."""
+        found: dict[int, ImageRow] = {}
+        with self.read() as session:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(chunk))):
+                    found[row.id] = row
+        return found
+
+    def vector_of(self, image_id: int, model_id: str) -> np.ndarray | None:
+        """The stored vector of one image for a model, or None."""
+        with self.read() as session:
+            row = session.get(EmbeddingRow, image_id)
+            if row is None or row.model != model_id:
+                return None
+            return np.frombuffer(row.vector, dtype="<f4").astype(np.float32)
+
+    def vectors(self, model_id: str, image_ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors float32 [n, d]) of every embedding of a model, or of the given images."""
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        with self.read() as session:
+            if image_ids is None:
+                chunks: Iterable = [None]
+            else:
+                all_ids = list(image_ids)
+                chunks = [all_ids[i : i + 500] for i in range(0, len(all_ids), 500)]
+            for chunk in chunks:
+                query = select(EmbeddingRow.image_id, EmbeddingRow.vector).where(EmbeddingRow.model == model_id)
+                if chunk is not None:
+                    query = query.where(EmbeddingRow.image_id.in_(chunk))
+                for image_id, blob in session.execute(query.order_by(EmbeddingRow.image_id)):
+                    ids.append(image_id)
+                    blobs.append(blob)
+        if not ids:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), -1).astype(np.float32)
+        return np.asarray(ids, dtype=np.int64), matrix
+
+    def generation(self) -> int:
+        """A counter that grows with every vector change (the newest change-log sequence number)."""
+        with self.read() as session:
+            newest = session.scalar(select(func.max(VectorChangeRow.seq))) or 0
+            floor = session.get(MetaRow, "vector_log_floor")
+        return max(newest, int(floor.value) if floor else 0)
+
+    def log_floor(self) -> int:
+        """Changes up to this sequence number were pruned from the log."""
+        value = self.get_meta("vector_log_floor")
+        return int(value) if value else 0
+
+    def changes_since(self, seq: int) -> tuple[int, set[int]]:
+        """(newest sequence number, ids of images whose vectors changed after `seq`)."""
+        with self.read() as session:
+            rows = session.execute(select(VectorChangeRow.seq, VectorChangeRow.image_id).where(VectorChangeRow.seq > seq)).all()
+        newest = max((r.seq for r in rows), default=seq)
+        return newest, {r.image_id for r in rows}
+
+    def prune_changes(self, up_to: int) -> None:
+        """Forget change-log entries up to a sequence number that the saved store already includes."""
+        with self.write() as session:
+            session.execute(delete(VectorChangeRow).where(VectorChangeRow.seq <= up_to))
+            current = session.get(MetaRow, "vector_log_floor")
+            if current is None or int(current.value) < up_to:
+                self.set_meta(session, "vector_log_floor", str(up_to))
+
+    def counts(self) -> dict[str, int]:
+        """Image counts by status and the number of stored embeddings."""
+        with self.read() as session:
+            by_status = dict(session.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
+            embeddings = session.scalar(select(func.count()).select_from(EmbeddingRow)) or 0
+        return {
+            "images": sum(by_status.values()),
+            "ok": by_status.get(STATUS_OK, 0),
+            "failed": by_status.get(STATUS_FAILED, 0),
+            "embeddings": embeddings,
+        }
+
+    def failures(self, limit: int | None = None) -> list[tuple[str, str]]:
+        """(path, reason) of files that could not be indexed."""
+        with self.read() as session:
+            query = select(ImageRow.path, ImageRow.error).where(ImageRow.status == STATUS_FAILED).order_by(ImageRow.path)
+            if limit:
+                query = query.limit(limit)
+            return [(p, e or "") for p, e in session.execute(query)]
+
+    def roots(self) -> list[RootRow]:
+        """The folders the user has indexed."""
+        with self.read() as session:
+            return list(session.scalars(select(RootRow).order_by(RootRow.path)))
+
+
+def delete_embeddings(session: Session, model_id: str | None = None) -> None:
+    """Drop every embedding (of one model, or all) inside a write session."""
+    query = delete(EmbeddingRow)
+    if model_id is not None:
+        query = query.where(EmbeddingRow.model == model_id)
+    session.execute(query)
+
+
+def touch_images(session: Session, changes: Iterable[tuple[int, dict]]) -> None:
+    """Update columns of existing rows by id."""
+    for image_id, values in changes:
+        session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values, updated_at=utcnow()))
+
+
+def _storage_error(error: SQLAlchemyError, db_path: Path) -> LibraryError:
+    text = str(getattr(error, "orig", error))
+    if "full" in text:
+        return LibraryError(f"the disk holding {db_path} is full ({text})", "free some space and run the command again; nothing was lost")
+    if "locked" in text or "busy" in text:
+        return LibraryError(f"the catalog {db_path} stayed locked by another process ({text})", "wait for the other clipsearch command to finish")
+    if "readonly" in text or "unable to open" in text:
+        return LibraryError(f"cannot write the catalog {db_path} ({text})", "check the folder's permissions or choose another --data-dir")
+    return LibraryError(f"catalog error in {db_path}: {text}", "if the file is damaged, move it aside and re-index")

@@ -1,0 +1,219 @@
+"""The `clipsearch` command line: the only place that prints or exits. Heavy libraries load inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from clipsearch import __version__
+from clipsearch.config import Settings, cli_flag, describe_settings, load_settings, setting_fields
+from clipsearch.errors import ClipsearchError
+
+ENCODER_SETTINGS = ("data_dir", "model", "pretrained", "device", "precision", "model_cache_dir", "log_level")
+INDEX_SETTINGS = ENCODER_SETTINGS + ("batch_size", "workers", "max_image_pixels", "include_hidden", "follow_symlinks")
+
+
+def settings_options(*names: str) -> Callable:
+    """Add a --flag for each named setting (from the settings registry) plus --config; pass `settings` in."""
+    registry = {f.name: f for f in setting_fields()}
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(*args, config: str | None, **kwargs):
+            overrides = {name: kwargs.pop(name) for name in names}
+            settings = load_settings(overrides, config_file=config)
+            logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+            return command(*args, settings=settings, **kwargs)
+
+        for name in reversed(names):
+            f = registry[name]
+            kind = str(f.type)
+            if kind == "bool":
+                flag = cli_flag(name)
+                option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=f.metadata["help"])
+            else:
+                choices = f.metadata.get("choices")
+                option = click.option(
+                    cli_flag(name), name, default=None, metavar=name.upper() if not choices else None,
+                    type=click.Choice(choices, case_sensitive=False) if choices else None,
+                    help=f.metadata["help"],
+                )
+            wrapper = option(wrapper)
+        return click.option("--config", type=click.Path(dir_okay=False), default=None,
+                            help="Settings file (default: ./clipsearch.toml, else the user config dir's).")(wrapper)
+
+    return decorate
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Turn clipsearch errors into a message and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ClipsearchError as e:
+            click.secho(f"error: {e.message}", fg="red", err=True)
+            if e.hint:
+                click.echo(f"  hint: {e.hint}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="clipsearch")
+def main() -> None:
+    """Semantic photo search with CLIP: index your photos, then find them by describing them."""
+
+
+@main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--reembed", is_flag=True, help="Re-embed every image with the chosen model, replacing the library's vectors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@reports_errors
+@settings_options(*INDEX_SETTINGS)
+def index(folders: tuple[str, ...], reembed: bool, as_json: bool, settings: Settings) -> None:
+    """Index the photos under FOLDERS (recursively; unchanged files are skipped)."""
+    from clipsearch.cli_progress import ProgressDisplay
+    from clipsearch.indexer.run import index_folders
+
+    _warn_random_weights(settings)
+    display = ProgressDisplay(enabled=sys.stderr.isatty() and not as_json)
+    with display:
+        report = index_folders(settings, folders, reembed=reembed, progress=display)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_index_summary(report, settings)
+    if report.interrupted:
+        click.echo("stopped early: run the same command again to finish (nothing is lost)", err=True)
+        sys.exit(130)
+
+
+def _warn_random_weights(settings: Settings) -> None:
+    if settings.pretrained.lower() in ("none", "random"):
+        click.secho("note: --pretrained none uses random weights: results are meaningless outside tests and benchmarks",
+                    fg="yellow", err=True)
+
+
+def _print_index_summary(report, settings: Settings) -> None:
+    for root in report.missing_roots:
+        click.secho(f"skipped {root}: not a folder (not mounted?); nothing under it was removed", fg="yellow", err=True)
+    for path, reason in report.walk_errors[:20]:
+        click.secho(f"cannot read {path}: {reason}", fg="yellow", err=True)
+    for path, reason in report.failed[:50]:
+        click.secho(f"failed {path}: {reason}", fg="yellow", err=True)
+    if len(report.failed) > 50:
+        click.echo(f"... and {len(report.failed) - 50} more failures: clipsearch status lists them all", err=True)
+    click.echo(
+        f"added {report.added}, updated {report.updated}, moved {report.moved}, removed {report.removed}, "
+        f"unchanged {report.unchanged}, failed {len(report.failed)}"
+        + (f" — {report.embedded} images embedded in {report.seconds:.1f} s ({report.images_per_second:.1f}/s)" if report.embedded else "")
+    )
+    click.echo(f"library {settings.data_dir}: {report.vectors} images searchable")
+
+
+@main.command()
+@click.argument("query", required=False)
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Search with an image file instead of text.")
+@click.option("--like", "like", metavar="PATH|ID", help="Find images like one already in the library (path or id).")
+@click.option("-k", "--top-k", "top_k", type=int, default=None, help="Number of results (default: the top_k setting).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON (path, score, id).")
+@reports_errors
+@settings_options(*ENCODER_SETTINGS)
+def search(query: str | None, image_path: str | None, like: str | None, top_k: int | None, as_json: bool, settings: Settings) -> None:
+    """Find photos matching QUERY (natural language), an --image, or --like an indexed photo."""
+    from clipsearch.errors import QueryError
+    from clipsearch.library import Library
+    from clipsearch.search.searcher import Searcher
+
+    given = [q for q in (query, image_path, like) if q is not None]
+    if len(given) != 1:
+        raise QueryError("give exactly one of QUERY, --image or --like",
+                         'e.g. clipsearch search "a dog on the beach" or clipsearch search --image photo.jpg')
+    k = top_k if top_k is not None else settings.top_k
+    library = Library(settings)
+    searcher = Searcher(library)
+    try:
+        if image_path is not None:
+            hits = searcher.search_image(image_path, k)
+        elif like is not None:
+            hits = searcher.search_like(int(like) if like.isdigit() else like, k)
+        else:
+            hits = searcher.search_text(query, k)
+    finally:
+        library.close()
+    if as_json:
+        click.echo(json.dumps([hit.as_dict() for hit in hits], indent=2))
+        return
+    if not hits:
+        click.echo("no results", err=True)
+    for hit in hits:
+        click.echo(f"{hit.score:.4f}  {hit.path}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--failures", "max_failures", type=int, default=20, show_default=True, help="Failed files to list (0: all).")
+@reports_errors
+@settings_options("data_dir", "log_level")
+def status(as_json: bool, max_failures: int, settings: Settings) -> None:
+    """Show the library: folder, model, image counts, vectors, failed files, sizes on disk."""
+    from clipsearch.status import library_status
+
+    info = library_status(settings, max_failures=max_failures or None)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"library:   {info['data_dir']}" + ("" if info["exists"] else "  (empty: run clipsearch index DIR)"))
+    click.echo(f"model:     {info['model'] or '-'}")
+    click.echo(f"folders:   {', '.join(info['roots']) or '-'}")
+    counts = info["counts"]
+    click.echo(f"images:    {counts['images']} ({counts['ok']} indexed, {counts['failed']} failed)")
+    click.echo(f"vectors:   {info['vectors']} in the index, {counts['embeddings']} in the catalog")
+    click.echo(f"on disk:   catalog {_size(info['catalog_bytes'])}, index {_size(info['index_bytes'])}")
+    if info["failures"]:
+        click.echo("failed files:")
+        for item in info["failures"]:
+            click.echo(f"  {item['path']}: {item['reason']}")
+        if counts["failed"] > len(info["failures"]):
+            click.echo(f"  ... {counts['failed'] - len(info['failures'])} more (--failures 0 lists all)")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@reports_errors
+@settings_options()
+def config_command(as_json: bool, settings: Settings) -> None:
+    """Show every setting: its value, where it can be set, and what it does."""
+    rows = describe_settings(settings)
+    if as_json:
+        click.echo(json.dumps({r["name"]: r["value"] for r in rows}, indent=2, default=str))
+        return
+    for row in rows:
+        mark = "*" if row["explicit"] else " "
+        click.echo(f"{mark} {row['name']} = {row['value']}")
+        click.echo(f"    {row['help']} ({row['flag']}, {row['env']})")
+    click.echo("* set by config file, environment or flag")
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Entry point for `python -m clipsearch`."""
+    return main(args=argv, prog_name="clipsearch")

@@ -1,0 +1,248 @@
+"""Settings: one frozen dataclass, resolved from defaults < clipsearch.toml < CLIPSEARCH_* env < CLI flags."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from clipsearch.errors import ConfigError
+
+ENV_PREFIX = "CLIPSEARCH_"
+CONFIG_FILE_NAME = "clipsearch.toml"
+CONFIG_ENV = "CLIPSEARCH_CONFIG"
+
+
+def default_data_dir() -> Path:
+    """The default library folder under the user's XDG data dir (platform equivalent elsewhere)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("clipsearch", appauthor=False))
+
+
+def default_config_file() -> Path:
+    """The per-user config file location."""
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("clipsearch", appauthor=False)) / CONFIG_FILE_NAME
+
+
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, default_factory=None):
+    metadata = {"help": help, "choices": choices}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every user-facing setting, with its default and help text (the single registry)."""
+
+    data_dir: Path = _setting(
+        None,
+        "Library folder holding the catalog, vector index, thumbnails and caches.",
+        default_factory=default_data_dir,
+    )
+    model: str = _setting(
+        "ViT-B-32",
+        "open_clip model name (see `open_clip.list_models()`), or an `hf-hub:`/`local-dir:` reference.",
+    )
+    pretrained: str = _setting(
+        "laion2b_s34b_b79k",
+        "open_clip pretrained tag, a local weights file (.bin/.pt/.safetensors), or `none` for random weights.",
+    )
+    device: str = _setting(
+        "auto", "Where the model runs; auto picks CUDA, then Apple MPS, then CPU.", ("auto", "cpu", "cuda", "mps")
+    )
+    precision: str = _setting(
+        "auto",
+        "Inference precision; auto is fp16 autocast on CUDA and fp32 elsewhere.",
+        ("auto", "fp32", "fp16", "bf16"),
+    )
+    model_cache_dir: Path | None = _setting(
+        None, "Where downloaded model weights are cached (default: the Hugging Face cache)."
+    )
+    batch_size: int = _setting(32, "Images per model batch when indexing.")
+    workers: int = _setting(0, "Image decoding threads when indexing; 0 picks one per CPU core (at most 8).")
+    max_image_pixels: int = _setting(
+        100_000_000, "Images with more pixels than this are refused as decompression bombs."
+    )
+    include_hidden: bool = _setting(False, "Index files and folders whose names start with a dot.")
+    follow_symlinks: bool = _setting(True, "Follow symbolic links to folders and files while walking (loops are detected).")
+    top_k: int = _setting(20, "Number of results a search returns by default.")
+    log_level: str = _setting("warning", "Logging verbosity.", ("debug", "info", "warning", "error"))
+
+    # Names of the settings that were set explicitly (config file, env or flag), not defaulted.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
+
+    @property
+    def catalog_path(self) -> Path:
+        """The SQLite catalog file of this library."""
+        return self.data_dir / "catalog.sqlite3"
+
+    @property
+    def vector_store_path(self) -> Path:
+        """The derived FAISS index file of this library."""
+        return self.data_dir / "vectors.faiss"
+
+    @property
+    def resolved_workers(self) -> int:
+        """Decoding thread count with 0 resolved to the machine's core count (at most 8)."""
+        return self.workers if self.workers > 0 else max(1, min(8, os.cpu_count() or 1))
+
+
+def setting_fields():
+    """The declared settings (excluding internal bookkeeping fields)."""
+    return [f for f in fields(Settings) if not f.metadata.get("internal")]
+
+
+SETTING_NAMES = tuple(f.name for f in setting_fields())
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets a setting."""
+    return ENV_PREFIX + name.upper()
+
+
+def cli_flag(name: str) -> str:
+    """The command-line flag that sets a setting."""
+    return "--" + name.replace("_", "-")
+
+
+def _field(name: str):
+    for f in setting_fields():
+        if f.name == name:
+            return f
+    close = difflib.get_close_matches(name, SETTING_NAMES, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known settings: {', '.join(SETTING_NAMES)}"
+    raise ConfigError(f"unknown setting '{name}'", hint)
+
+
+def _type_name(f) -> str:
+    return str(f.type).replace(" ", "")
+
+
+def convert_value(name: str, value: Any, source: str, base_dir: Path | None = None) -> Any:
+    """Convert a raw value (string from env, TOML value, flag) to the setting's type, or raise ConfigError."""
+    f = _field(name)
+    kind = _type_name(f)
+    try:
+        if value is None or (isinstance(value, str) and value == "" and "None" in kind):
+            if "None" in kind:
+                return None
+            raise ValueError("a value is required")
+        if kind.startswith("Path"):
+            path = Path(os.path.expandvars(str(value))).expanduser()
+            if base_dir is not None and not path.is_absolute():
+                path = base_dir / path
+            return path
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("expected a whole number")
+            number = int(str(value).replace("_", ""))
+            if number < 0 or (number == 0 and name not in ("workers",)):
+                raise ValueError("expected a positive number")
+            return number
+        text = str(value).strip()
+        choices = f.metadata.get("choices")
+        if choices:
+            text = text.lower()
+            if text not in choices:
+                raise ValueError(f"expected one of {', '.join(choices)}")
+        if not text:
+            raise ValueError("a value is required")
+        return text
+    except ValueError as e:
+        raise ConfigError(
+            f"bad value {value!r} for setting '{name}' (from {source}): {e}",
+            f"fix it in {source}; `clipsearch config` shows every setting with its help",
+        ) from e
+
+
+def find_config_file(explicit: str | os.PathLike | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: --config, else $CLIPSEARCH_CONFIG, else ./clipsearch.toml, else the user's one."""
+    chosen = explicit or env.get(CONFIG_ENV)
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist", "check the --config flag or $CLIPSEARCH_CONFIG")
+        return path
+    for candidate in (Path.cwd() / CONFIG_FILE_NAME, default_config_file()):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read and validate a clipsearch.toml into converted setting values."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}", "check the file's permissions") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}", "fix the syntax at the line shown") from e
+    table = raw.get("clipsearch", raw) if isinstance(raw.get("clipsearch"), dict) else raw
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        values[name] = convert_value(name, value, f"config file {path}", base_dir=path.parent)
+    return values
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve settings: defaults < config file < CLIPSEARCH_* env < overrides (CLI flags; None = not given)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = find_config_file(config_file, env)
+    if path is not None:
+        values.update(read_config_file(path))
+    for name in SETTING_NAMES:
+        raw = env.get(env_var(name))
+        if raw is not None and raw != "":
+            values[name] = convert_value(name, raw, f"environment variable {env_var(name)}")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = convert_value(name, value, f"flag {cli_flag(name)}")
+    return Settings(**values, explicit=frozenset(values))
+
+
+def with_overrides(settings: Settings, **values: Any) -> Settings:
+    """A copy of settings with some values replaced (marked explicit)."""
+    converted = {k: convert_value(k, v, "code") for k, v in values.items()}
+    return replace(settings, **converted, explicit=settings.explicit | frozenset(converted))
+
+
+def describe_settings(settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Every setting's name, flag, env var, default, help and (given settings) current value."""
+    rows = []
+    for f in setting_fields():
+        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        row = {
+            "name": f.name,
+            "flag": cli_flag(f.name),
+            "env": env_var(f.name),
+            "default": default,
+            "help": f.metadata["help"],
+            "choices": f.metadata.get("choices"),
+        }
+        if settings is not None:
+            row["value"] = getattr(settings, f.name)
+            row["explicit"] = f.name in settings.explicit
+        rows.append(row)
+    return rows

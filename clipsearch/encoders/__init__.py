@@ -1,0 +1,191 @@
+"""Image/text encoders: the Encoder interface, model identity, and loading (open_clip or a registered factory).
+
+Nothing here imports torch or open_clip at import time: `clipsearch --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from clipsearch.errors import ConfigError
+
+if TYPE_CHECKING:  # only for annotations; importing these for real would pull in torch
+    import numpy as np
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+RANDOM_WEIGHTS = ("", "none", "random")
+WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+__all__ = [
+    "Encoder",
+    "EncoderSpec",
+    "encoder_spec_from_settings",
+    "is_random_weights",
+    "load_encoder",
+    "model_id_for",
+    "register_encoder",
+    "resolve_device",
+]
+
+
+class Encoder(abc.ABC):
+    """A model that maps images and texts into one L2-normalised embedding space."""
+
+    model_id: str  # stable identity stored with every vector (see model_id_for)
+    dim: int  # embedding dimension
+    image_size: int  # side length preprocess() produces (lets the loader use JPEG draft decoding)
+    device: str  # resolved device: 'cpu', 'cuda' or 'mps'
+
+    @abc.abstractmethod
+    def preprocess(self, image: "Image.Image") -> Any:
+        """Turn one RGB PIL image into one model input (CPU tensor [3,H,W]); thread-safe, no model access."""
+
+    @abc.abstractmethod
+    def encode_images(self, batch: Sequence[Any]) -> "np.ndarray":
+        """Encode preprocess() outputs into float32 [n, dim] L2-normalised rows ((0, dim) for none)."""
+
+    @abc.abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> "np.ndarray":
+        """Encode texts into float32 [n, dim] L2-normalised rows ((0, dim) for none)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({getattr(self, 'model_id', '?')!r}, device={getattr(self, 'device', '?')!r})"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What to load: model name, pretrained tag/file/none, device and precision, weights cache folder."""
+
+    model: str
+    pretrained: str
+    device: str = "auto"
+    precision: str = "auto"
+    cache_dir: Path | None = None
+
+
+def is_random_weights(pretrained: str | None) -> bool:
+    """Whether `pretrained` asks for random (untrained) weights: none, random or empty."""
+    return pretrained is None or pretrained.strip().lower() in RANDOM_WEIGHTS
+
+
+def looks_like_path(pretrained: str) -> bool:
+    """Whether `pretrained` names a file rather than a tag (exists, has a weights suffix or a path separator)."""
+    if Path(pretrained).expanduser().exists():
+        return True
+    if pretrained.lower().endswith(WEIGHTS_SUFFIXES):
+        return True
+    return any(sep in pretrained for sep in ("/", "\\")) or pretrained.startswith(("~", "."))
+
+
+def _absolute(path: str) -> Path:
+    # resolve() so the same file reached via different relative paths/symlinks gets one identity
+    return Path(path).expanduser().resolve()
+
+
+def model_id_for(model: str, pretrained: str) -> str:
+    """The identity of (model, pretrained) without loading anything.
+
+    `{model}/{tag lower-cased}`, `{model}/random` for none, `{model}/file:{absolute path}` for a weights
+    file; for `hf-hub:`/`local-dir:` models the model string alone (local-dir path made absolute).
+    A `pretrained` that is an existing directory stands for `local-dir:` that directory.
+    """
+    if model.startswith(HF_HUB_PREFIX):
+        return model
+    if model.startswith(LOCAL_DIR_PREFIX):
+        return LOCAL_DIR_PREFIX + str(_absolute(model[len(LOCAL_DIR_PREFIX):]))
+    if is_random_weights(pretrained):
+        return f"{model}/random"
+    pretrained = pretrained.strip()
+    if Path(pretrained).expanduser().is_dir():
+        return LOCAL_DIR_PREFIX + str(_absolute(pretrained))
+    if looks_like_path(pretrained):
+        return f"{model}/file:{_absolute(pretrained)}"
+    return f"{model}/{pretrained.lower()}"
+
+
+_REGISTRY: dict[str, Callable[[EncoderSpec], Encoder]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_encoder(prefix: str, factory: Callable[[EncoderSpec], Encoder]) -> None:
+    """Build model names starting with `prefix` with `factory` instead of open_clip (re-registering replaces)."""
+    if not prefix:
+        raise ValueError("an encoder prefix must not be empty (it would capture every model)")
+    with _REGISTRY_LOCK:
+        _REGISTRY[prefix] = factory
+
+
+def unregister_encoder(prefix: str) -> None:
+    """Remove a registered prefix (no error when absent)."""
+    with _REGISTRY_LOCK:
+        _REGISTRY.pop(prefix, None)
+
+
+def load_encoder(spec: EncoderSpec) -> Encoder:
+    """Load the encoder a spec names: a registered factory by prefix (longest wins), else open_clip."""
+    with _REGISTRY_LOCK:
+        matches = sorted((p for p in _REGISTRY if spec.model.startswith(p)), key=len, reverse=True)
+        factory = _REGISTRY[matches[0]] if matches else None
+    if factory is not None:
+        log.debug("model %s built by the encoder registered for %r", spec.model, matches[0])
+        return factory(spec)
+    from clipsearch.encoders.openclip import OpenClipEncoder  # heavy: torch + open_clip
+
+    return OpenClipEncoder(spec)
+
+
+def encoder_spec_from_settings(settings: Any) -> EncoderSpec:
+    """The EncoderSpec that resolved Settings describe."""
+    return EncoderSpec(
+        model=settings.model,
+        pretrained=settings.pretrained,
+        device=settings.device,
+        precision=settings.precision,
+        cache_dir=settings.model_cache_dir,
+    )
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda, else mps, else cpu; an explicit device that is not available raises ConfigError."""
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device '{device}' was asked for but CUDA is not available here",
+                "use --device cpu (or auto); for a GPU install a CUDA build of torch and check `nvidia-smi`",
+            )
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(
+                f"device '{device}' does not exist (this machine has {torch.cuda.device_count()} CUDA device(s))",
+                "use --device cuda (the first GPU) or cuda:N with N below the device count",
+            )
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(
+                "device 'mps' was asked for but Apple MPS is not available here",
+                "use --device cpu (or auto); MPS needs Apple silicon and a macOS build of torch",
+            )
+        return "mps"
+    raise ConfigError(f"unknown device '{device}'", f"use one of {', '.join(DEVICES)}")

@@ -1,0 +1,46 @@
+"""Library status: what is indexed, with which model, what failed, and how much disk it takes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipsearch.config import Settings
+from clipsearch.library import Library
+from clipsearch.store import store_size_bytes
+
+
+def library_status(settings: Settings, max_failures: int | None = 20) -> dict[str, Any]:
+    """A JSON-ready description of the settings' library (does not create one)."""
+    library = Library(settings)
+    info: dict[str, Any] = {
+        "data_dir": str(library.data_dir),
+        "exists": library.exists,
+        "model": None,
+        "roots": [],
+        "counts": {"images": 0, "ok": 0, "failed": 0, "embeddings": 0},
+        "vectors": 0,
+        "failures": [],
+        "catalog_bytes": 0,
+        "index_bytes": 0,
+    }
+    if not library.exists:
+        return info
+    try:
+        catalog = library.catalog
+        model = catalog.library_model()
+        info["model"] = model["model_id"] if model else None
+        info["model_name"] = model["model"] if model else None
+        info["pretrained"] = model["pretrained"] if model else None
+        info["roots"] = [root.path for root in catalog.roots()]
+        info["counts"] = catalog.counts()
+        info["failures"] = [{"path": p, "reason": r} for p, r in catalog.failures(max_failures)]
+        store = library.open_store()
+        info["vectors"] = store.count if store is not None else 0
+        info["catalog_bytes"] = sum(
+            store_size_bytes(settings.catalog_path.with_name(settings.catalog_path.name + suffix))
+            for suffix in ("", "-wal", "-shm")
+        )
+        info["index_bytes"] = store_size_bytes(library.vector_store_path)
+    finally:
+        library.close()
+    return info

@@ -1,0 +1,104 @@
+"""Per-file work done in decoding threads: read, hash, recognise moves, decode and preprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from clipsearch.errors import ImageDecodeError
+from clipsearch.images import ImageInfo, open_image, read_image_bytes
+
+
+@dataclass
+class Candidate:
+    """A file the indexer must look at: new, changed, or lacking a vector for the current model."""
+
+    path: str
+    root: str
+    size: int
+    mtime_ns: int
+    existing_id: int | None = None
+    existing_hash: str | None = None
+    existing_has_vector: bool = False
+    allow_move: bool = True
+
+
+@dataclass
+class Prepared:
+    """A decoded, preprocessed image ready for the model."""
+
+    candidate: Candidate
+    content_hash: str
+    info: ImageInfo
+    model_input: Any
+    decode_seconds: float
+
+
+@dataclass
+class Unchanged:
+    """The file's bytes are those already embedded (only its mtime moved): just refresh the stat fields."""
+
+    candidate: Candidate
+    content_hash: str
+
+
+@dataclass
+class MaybeMoved:
+    """The file's content matches catalog rows whose files are gone: it can keep one of their vectors."""
+
+    candidate: Candidate
+    content_hash: str
+    row_ids: list[int]
+
+
+@dataclass
+class Failed:
+    """The file cannot be indexed, with a short reason."""
+
+    candidate: Candidate
+    reason: str
+    content_hash: str | None = None
+
+
+def content_hash(data: bytes) -> str:
+    """A 128-bit BLAKE2b digest of a file's bytes (identifies moved and renamed files)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def prepare(
+    candidate: Candidate,
+    preprocess: Callable,
+    *,
+    image_size: int,
+    max_pixels: int,
+    find_moved: Callable[[str, Candidate], list[int]] | None,
+) -> Prepared | Unchanged | MaybeMoved | Failed:
+    """Turn one file into model input, or say why not (never raises for a bad file)."""
+    started = time.perf_counter()
+    try:
+        data = read_image_bytes(candidate.path)
+    except ImageDecodeError as e:
+        return Failed(candidate, e.reason)
+    digest = content_hash(data)
+    if candidate.existing_has_vector and digest == candidate.existing_hash:
+        return Unchanged(candidate, digest)
+    if find_moved is not None and candidate.allow_move:
+        row_ids = find_moved(digest, candidate)
+        if row_ids:
+            return MaybeMoved(candidate, digest, row_ids)
+    try:
+        image, info = open_image(data, max_pixels=max_pixels, target_size=image_size)
+        model_input = preprocess(image)
+    except ImageDecodeError as e:
+        return Failed(candidate, e.reason, digest)
+    except Exception as e:  # a preprocessing bug must cost one file, not the run
+        return Failed(candidate, f"preprocessing failed: {type(e).__name__}: {e}", digest)
+    return Prepared(candidate, digest, info, model_input, time.perf_counter() - started)
+
+
+def file_still_exists(path: str) -> bool:
+    """Whether a path is still on disk (a row whose file vanished may be a move source)."""
+    return os.path.exists(path)

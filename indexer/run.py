@@ -1,0 +1,351 @@
+"""Indexing orchestration: walk, plan against the catalog, decode in threads, embed in batches, commit, sync."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from sqlalchemy import delete
+
+from clipsearch.catalog import STATUS_FAILED, STATUS_OK, EmbeddingRow, ImageRow, RootRow, delete_embeddings, touch_images, utcnow, vector_to_blob
+from clipsearch.config import Settings
+from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
+from clipsearch.errors import LibraryError
+from clipsearch.indexer.prepare import Candidate, Failed, MaybeMoved, Prepared, Unchanged, file_still_exists, prepare
+from clipsearch.indexer.walk import normalise_root, walk_images
+from clipsearch.library import Library
+
+log = logging.getLogger(__name__)
+
+VANISHED = "file vanished"
+
+
+class IndexProgress(Protocol):
+    """What the indexer tells a progress display (the CLI draws it; the library never prints)."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, count: int = 1) -> None: ...
+
+    def failed(self, path: str, reason: str) -> None: ...
+
+
+@dataclass
+class IndexReport:
+    """What one indexing run did."""
+
+    model_id: str = ""
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    missing_roots: list[str] = field(default_factory=list)
+    walk_errors: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+    embedded: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    vectors: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Embedded images per wall-clock second of the run."""
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """A JSON-ready summary."""
+        return {
+            "model_id": self.model_id, "added": self.added, "updated": self.updated, "moved": self.moved,
+            "removed": self.removed, "unchanged": self.unchanged, "failed": len(self.failed),
+            "failures": [{"path": p, "reason": r} for p, r in self.failed],
+            "missing_roots": self.missing_roots, "walk_errors": [{"path": p, "reason": r} for p, r in self.walk_errors],
+            "interrupted": self.interrupted, "embedded": self.embedded, "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2), "vectors": self.vectors,
+        }
+
+
+class _Batch:
+    """Writes accumulated between two commits."""
+
+    def __init__(self):
+        self.prepared: list[Prepared] = []
+        self.failed: list[Failed] = []
+        self.unchanged: list[Unchanged] = []
+        self.moved: list[tuple[MaybeMoved, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.prepared) + len(self.failed) + len(self.unchanged) + len(self.moved)
+
+
+class Indexer:
+    """Indexes folders into one library with one encoder."""
+
+    def __init__(self, library: Library, encoder: Encoder, progress: IndexProgress | None = None,
+                 stop: threading.Event | None = None):
+        self.library = library
+        self.catalog = library.catalog
+        self.settings = library.settings
+        self.encoder = encoder
+        self.progress = progress
+        self.stop = stop or threading.Event()
+        self.report = IndexReport(model_id=encoder.model_id)
+        self._claimed: set[int] = set()
+        self._gone_by_hash: dict[str, list[int]] = {}
+        self._gone: dict[str, int] = {}
+        self._found: set[str] = set()
+
+    def run(self, folders: Sequence[str | Path]) -> IndexReport:
+        """Index the folders; returns the report (interrupted=True after Ctrl-C or a stop request)."""
+        started = time.perf_counter()
+        try:
+            roots = self._walkable_roots(folders)
+            candidates = self._plan(roots)
+            if self.progress:
+                self.progress.start(len(candidates))
+            self._process(candidates)
+            if not self.report.interrupted:
+                self._remove_gone()
+                self._touch_roots(roots)
+        finally:
+            self.report.seconds = time.perf_counter() - started
+            self._sync_store()
+        return self.report
+
+    # --- planning -------------------------------------------------------------------------------
+    def _walkable_roots(self, folders: Sequence[str | Path]) -> list[str]:
+        roots = []
+        for folder in folders:
+            root = normalise_root(folder)
+            if not Path(root).is_dir():
+                # An unmounted drive must not look like "every photo was deleted".
+                self.report.missing_roots.append(root)
+                continue
+            roots.append(root)
+        return roots
+
+    def _plan(self, roots: list[str]) -> list[Candidate]:
+        model_id = self.encoder.model_id
+        found: dict[str, tuple[str, object]] = {}
+        for root in roots:
+            for item in walk_images(
+                root,
+                include_hidden=self.settings.include_hidden,
+                follow_symlinks=self.settings.follow_symlinks,
+                exclude=[self.library.data_dir],
+                on_error=lambda path, reason: self.report.walk_errors.append((path, reason)),
+            ):
+                found.setdefault(item.path, (root, item))
+        known = self.catalog.known_under(roots)
+        candidates = []
+        for path, (root, item) in found.items():
+            row = known.get(path)
+            if row is not None and row.size == item.size and row.mtime_ns == item.mtime_ns and (
+                row.status == STATUS_FAILED or row.model == model_id
+            ):
+                self.report.unchanged += 1
+                continue
+            candidates.append(Candidate(
+                path, root, item.size, item.mtime_ns,
+                existing_id=row.id if row else None,
+                existing_hash=row.content_hash if row else None,
+                existing_has_vector=bool(row and row.model == model_id),
+                allow_move=row is None,
+            ))
+        self._found = set(found)
+        for path, row in known.items():
+            if path in found:
+                continue
+            self._gone[path] = row.id
+            if row.content_hash and (row.model == model_id or row.status == STATUS_FAILED):
+                self._gone_by_hash.setdefault(row.content_hash, []).append(row.id)
+        return candidates
+
+    def _find_moved(self, digest: str, candidate: Candidate) -> list[int]:
+        """Catalog rows with this content whose files are gone (runs in decoding threads)."""
+        ids = [i for i in self._gone_by_hash.get(digest, ()) if i not in self._claimed]
+        if ids:
+            return ids
+        # A move from a folder outside this run: rows elsewhere in the library whose files vanished.
+        return [
+            row.id for row in self.catalog.find_by_hash(digest)
+            if row.id not in self._claimed and row.path not in self._found
+            and (row.model == self.encoder.model_id or row.status == STATUS_FAILED)
+            and not file_still_exists(row.path)
+        ]
+
+    # --- the pipeline ---------------------------------------------------------------------------
+    def _process(self, candidates: list[Candidate]) -> None:
+        settings = self.settings
+        workers = settings.resolved_workers
+        window = max(2 * settings.batch_size, 4 * workers)
+        pending: deque[Future] = deque()
+        todo = deque(candidates)
+        batch = _Batch()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipsearch-decode")
+
+        def submit(candidate: Candidate) -> None:
+            pending.append(pool.submit(
+                prepare, candidate, self.encoder.preprocess, image_size=self.encoder.image_size,
+                max_pixels=settings.max_image_pixels, find_moved=self._find_moved,
+            ))
+
+        try:
+            while todo or pending:
+                while todo and len(pending) < window:
+                    submit(todo.popleft())
+                if self.stop.is_set():
+                    raise KeyboardInterrupt
+                outcome = pending.popleft().result()
+                if isinstance(outcome, MaybeMoved):
+                    row_id = next((i for i in outcome.row_ids if i not in self._claimed), None)
+                    if row_id is None:  # another copy took that row first: embed this one
+                        outcome.candidate.allow_move = False
+                        submit(outcome.candidate)
+                        continue
+                    self._claimed.add(row_id)
+                    batch.moved.append((outcome, row_id))
+                elif isinstance(outcome, Prepared):
+                    batch.prepared.append(outcome)
+                elif isinstance(outcome, Failed):
+                    batch.failed.append(outcome)
+                    if self.progress:
+                        self.progress.failed(outcome.candidate.path, outcome.reason)
+                else:
+                    batch.unchanged.append(outcome)
+                if self.progress:
+                    self.progress.advance()
+                if len(batch.prepared) >= settings.batch_size or len(batch) >= 4 * settings.batch_size:
+                    self._commit(batch)
+                    batch = _Batch()
+            self._commit(batch)
+        except KeyboardInterrupt:
+            self.report.interrupted = True
+            for future in pending:
+                future.cancel()
+            batch.prepared.clear()  # decoded but not embedded: the next run redoes them
+            self._commit(batch)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _commit(self, batch: _Batch) -> None:
+        if not len(batch):
+            return
+        vectors = None
+        if batch.prepared:
+            started = time.perf_counter()
+            vectors = self.encoder.encode_images([p.model_input for p in batch.prepared])
+            self.report.encode_seconds += time.perf_counter() - started
+            if vectors.shape != (len(batch.prepared), self.encoder.dim):
+                raise LibraryError(f"encoder returned vectors of shape {vectors.shape}", "this is a bug: please report it")
+        model_id = self.encoder.model_id
+        now = utcnow()
+        with self.catalog.write() as session:
+            for index, item in enumerate(batch.prepared):
+                c, info = item.candidate, item.info
+                values = dict(
+                    path=c.path, root=c.root, size=c.size, mtime_ns=c.mtime_ns, content_hash=item.content_hash,
+                    width=info.width, height=info.height, format=info.format, taken_at=info.taken_at,
+                    status=STATUS_OK, error=None, updated_at=now,
+                )
+                if c.existing_id is not None:
+                    row = session.get(ImageRow, c.existing_id)
+                    for key, value in values.items():
+                        setattr(row, key, value)
+                    self.report.updated += 1
+                else:
+                    row = ImageRow(**values, indexed_at=now)
+                    session.add(row)
+                    session.flush()
+                    self.report.added += 1
+                session.merge(EmbeddingRow(image_id=row.id, model=model_id, vector=vector_to_blob(vectors[index])))
+                self.report.decode_seconds += item.decode_seconds
+            self.report.embedded += len(batch.prepared)
+            for failure in batch.failed:
+                self._record_failure(session, failure, now)
+            touch_images(session, [(u.candidate.existing_id, {"size": u.candidate.size, "mtime_ns": u.candidate.mtime_ns})
+                                   for u in batch.unchanged])
+            self.report.unchanged += len(batch.unchanged)
+            for moved, row_id in batch.moved:
+                c = moved.candidate
+                touch_images(session, [(row_id, {"path": c.path, "root": c.root, "size": c.size, "mtime_ns": c.mtime_ns})])
+                self.report.moved += 1
+
+    def _record_failure(self, session, failure: Failed, now) -> None:
+        c = failure.candidate
+        self.report.failed.append((c.path, failure.reason))
+        if failure.reason == VANISHED:
+            # No row for a file that no longer exists: keep "catalog rows = image files" true.
+            if c.existing_id is not None:
+                session.execute(delete(ImageRow).where(ImageRow.id == c.existing_id))
+            return
+        values = dict(size=c.size, mtime_ns=c.mtime_ns, content_hash=failure.content_hash,
+                      status=STATUS_FAILED, error=failure.reason, updated_at=now)
+        if c.existing_id is not None:
+            session.execute(delete(EmbeddingRow).where(EmbeddingRow.image_id == c.existing_id))
+            touch_images(session, [(c.existing_id, values)])
+        else:
+            session.add(ImageRow(path=c.path, root=c.root, indexed_at=now, **values))
+
+    def _remove_gone(self) -> None:
+        gone_ids = [row_id for row_id in self._gone.values() if row_id not in self._claimed]
+        with self.catalog.write() as session:
+            for start in range(0, len(gone_ids), 500):
+                session.execute(delete(ImageRow).where(ImageRow.id.in_(gone_ids[start : start + 500])))
+        self.report.removed = len(gone_ids)
+
+    def _touch_roots(self, roots: list[str]) -> None:
+        with self.catalog.write() as session:
+            for root in roots:
+                session.merge(RootRow(path=root, last_indexed_at=utcnow()))
+
+    def _sync_store(self) -> None:
+        store = self.library.open_store()
+        if store is None:
+            return
+        self.report.vectors = store.count
+        if store.saved_generation is not None:
+            # Readers reload the saved file before catching up, so the log before it is no longer needed.
+            self.catalog.prune_changes(store.saved_generation)
+
+
+def prepare_library_model(library: Library, encoder: Encoder, model: str, pretrained: str) -> None:
+    """Record the encoder as the library's model, dropping vectors of any previous model (--reembed)."""
+    recorded = library.catalog.library_model()
+    if recorded is not None and recorded["model_id"] == encoder.model_id:
+        return
+    with library.catalog.write() as session:
+        if recorded is not None:
+            log.warning("re-embedding the library: dropping vectors of %s", recorded["model_id"])
+            delete_embeddings(session)
+        library.catalog.set_library_model(session, encoder.model_id, model, pretrained, encoder.dim)
+
+
+def index_folders(
+    settings: Settings,
+    folders: Sequence[str | Path],
+    *,
+    reembed: bool = False,
+    progress: IndexProgress | None = None,
+    encoder: Encoder | None = None,
+    stop: threading.Event | None = None,
+) -> IndexReport:
+    """Index folders into the settings' library (one writer at a time); the main entry point of indexing."""
+    library = Library(settings)
+    try:
+        with library.writer_lock():
+            model, pretrained = library.resolve_model(allow_change=reembed)
+            if encoder is None:
+                encoder = load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir))
+            prepare_library_model(library, encoder, model, pretrained)
+            return Indexer(library, encoder, progress, stop).run(folders)
+    finally:
+        library.close()

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real datasets beside the checkout (skipped when absent) and test libraries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """../shared/datasets, or skip the test when this checkout has none (a user's fresh clone)."""
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"{SHARED_DATASETS} is absent: the shared datasets are only beside CI and dev checkouts")
+    return SHARED_DATASETS
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    """Keep the user's config, data dir and CLIPSEARCH_* variables out of every test."""
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    for name in list(os.environ):
+        if name.startswith("CLIPSEARCH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture
+def fake_encoder():
+    """A fresh deterministic colour encoder (registered as model 'test-colors')."""
+    from tests.fakes import ColorWordEncoder, register_fake_encoder
+
+    register_fake_encoder()
+    return ColorWordEncoder()
+
+
+@pytest.fixture
+def settings(tmp_path, fake_encoder):
+    """Settings for a library in tmp_path using the fake colour encoder."""
+    from clipsearch.config import load_settings
+
+    return load_settings(
+        {"data_dir": tmp_path / "library", "model": "test-colors", "pretrained": "v1", "workers": 2, "batch_size": 4},
+        env={},
+    )
