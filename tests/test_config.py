@@ -87,3 +87,12 @@ def test_every_setting_is_documented_in_the_readme():
         assert matching, f"setting {name} is missing from the README settings table"
         assert env_var(name) in matching[0] and cli_flag(name) in matching[0], f"README row for {name} lacks its env var or flag"
     assert len(SETTING_NAMES) == len(describe_settings())
+
+
+def test_ci_runs_the_readme_test_command():
+    root = README.parent
+    script = (root / ".ci" / "run").read_text()
+    assert "<!-- test-command -->" in script and "README.md" in script
+    text = README.read_text()
+    block = text.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert block.count("\n") == 0 and "pip install -e '.[dev]'" in block and "pytest" in block

@@ -187,7 +187,8 @@ def test_offline_tag_fails_fast(monkeypatch, tmp_path):
         load_encoder(EncoderSpec("ViT-B-32", "laion2b_s34b_b79k", device="cpu", cache_dir=tmp_path))
     assert time.monotonic() - start < 20
     text = str(info.value)
-    for needle in ("ViT-B-32", "laion2b_s34b_b79k", "--pretrained", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", str(tmp_path)):
+    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    for needle in ("ViT-B-32", "laion2b_s34b_b79k", "--pretrained", "--model-cache-dir", repo, str(tmp_path)):
         assert needle in text
     assert hub_constants.HF_HUB_OFFLINE == before, "the offline switch must be restored"
 
@@ -235,7 +236,8 @@ def test_model_id_for(tmp_path):
     assert model_id_for("ViT-B-32", "LAION2B_S34B_B79K") == "ViT-B-32/laion2b_s34b_b79k"
     assert model_id_for("ViT-B-32", "none") == model_id_for("ViT-B-32", "Random") == "ViT-B-32/random"
     assert model_id_for("ViT-B-32", str(weights)) == f"ViT-B-32/file:{weights.resolve()}"
-    assert model_id_for("ViT-B-32", str(tmp_path / "missing.pt")) == f"ViT-B-32/file:{(tmp_path / 'missing.pt').resolve()}"
+    missing = tmp_path / "missing.pt"
+    assert model_id_for("ViT-B-32", str(missing)) == f"ViT-B-32/file:{missing.resolve()}"
     assert model_id_for("hf-hub:org/repo", "laion2b_s34b_b79k") == "hf-hub:org/repo"
     assert model_id_for(f"local-dir:{tmp_path}/../{tmp_path.name}", "x") == f"local-dir:{tmp_path.resolve()}"
     assert model_id_for("ViT-B-32", str(tmp_path)) == f"local-dir:{tmp_path.resolve()}"
@@ -277,3 +279,18 @@ def test_encoder_spec_from_settings(tmp_path):
 def test_package_import_does_not_load_torch():
     code = "import sys, clipsearch.encoders; sys.exit('torch' in sys.modules or 'open_clip' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_offline_tag_loads_from_populated_cache(monkeypatch, saved_weights, tmp_path, images, reference):
+    """A tag whose weights sit in the Hub cache loads with HF_HUB_OFFLINE (the copy-a-cache workflow)."""
+    pretrained = pytest.importorskip("open_clip.pretrained")
+    monkeypatch.setitem(pretrained._PRETRAINED, TINY, {"cached": {"hf_hub": "clipsearch/tiny-test/"}})
+    snapshot = tmp_path / "models--clipsearch--tiny-test" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes((saved_weights / "tiny.pt").read_bytes())
+    (tmp_path / "models--clipsearch--tiny-test" / "refs").mkdir()
+    (tmp_path / "models--clipsearch--tiny-test" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = load_encoder(EncoderSpec(TINY, "CACHED", device="cpu", cache_dir=tmp_path))
+    assert enc.model_id == f"{TINY}/cached"
+    np.testing.assert_allclose(enc.encode_images([enc.preprocess(im) for im in images]), reference[0], atol=1e-6)

@@ -18,16 +18,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from clipsearch.encoders import (
-    HF_HUB_PREFIX,
-    LOCAL_DIR_PREFIX,
-    Encoder,
-    EncoderSpec,
-    is_random_weights,
-    looks_like_path,
-    model_id_for,
-    resolve_device,
-)
+from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, is_random_weights
+from clipsearch.encoders import looks_like_path, model_id_for, resolve_device
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -35,37 +27,33 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 HUB_PROBE_TIMEOUT_S = 3.0
 DEFAULT_HF_WEIGHTS = "open_clip_pytorch_model.bin"
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-# Serialises loads: the Hub offline switch below is process-global while it is on.
-_LOAD_LOCK = threading.Lock()
-_CONFIGS_LOCK = threading.Lock()
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_LOCAL_DIR_LAYOUT = (
+    'a local-dir model folder holds open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}) and '
+    "open_clip_model.safetensors or open_clip_pytorch_model.bin, like an open_clip Hugging Face repo"
+)
+_LOAD_LOCK = threading.Lock()  # serialises loads: the Hub offline switch is process-global while on
 _configs_added = False
 
 
 def register_model_configs() -> None:
     """Make clipsearch's bundled model configs (clipsearch-tiny) known to open_clip; idempotent."""
     global _configs_added
-    with _CONFIGS_LOCK:
-        if _configs_added:
-            return
-        import clipsearch.model_configs
+    with _LOAD_LOCK:
+        if not _configs_added:
+            import clipsearch.model_configs
 
-        open_clip.add_model_config(Path(clipsearch.model_configs.__file__).resolve().parent)
-        _configs_added = True
+            open_clip.add_model_config(Path(clipsearch.model_configs.__file__).resolve().parent)
+            _configs_added = True
 
 
 @dataclass(frozen=True)
 class _Source:
-    """Where the weights come from, in the form open_clip wants."""
-
     kind: str  # 'tag', 'file', 'local-dir', 'hf-hub' or 'random'
     model: str  # model name handed to open_clip
-    pretrained: str | None  # pretrained handed to open_clip (None for schemas and random)
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    pretrained: str | None  # pretrained handed to open_clip (None for schemas and random weights)
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -74,35 +62,31 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def _check_model_name(model: str) -> str:
-    """The open_clip name of a built-in model (open_clip maps '/' to '-'), or UnknownModelError."""
-    name = model.replace("/", "-")
+    name = model.replace("/", "-")  # as open_clip does: 'ViT-B/32' is 'ViT-B-32'
     known = open_clip.list_models()
     if name in known:
         return name
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
     raise UnknownModelError(
         f"unknown model '{model}'",
-        hint + "`python -c 'import open_clip; print(open_clip.list_models())'` lists the built-in ones; "
+        (f"did you mean {', '.join(close)}? " if close else "")
+        + "`python -c 'import open_clip; print(open_clip.list_models())'` lists the built-in ones; "
         "hf-hub:org/repo and local-dir:/path also work",
     )
 
 
 def _resolve_source(spec: EncoderSpec) -> _Source:
-    """Validate model and pretrained (no I/O beyond stat) and say where the weights come from."""
-    model = spec.model.strip()
-    pretrained = (spec.pretrained or "").strip()
+    """Validate model and pretrained without loading anything and say where the weights come from."""
+    model, pretrained = spec.model.strip(), (spec.pretrained or "").strip()
     if model.startswith(HF_HUB_PREFIX):
-        log.debug("model %s comes with its own weights; pretrained=%r is ignored", model, pretrained)
-        return _Source("hf-hub", model, None)
+        return _Source("hf-hub", model, None)  # the repo holds its own weights: pretrained is moot
     if model.startswith(LOCAL_DIR_PREFIX):
-        path = Path(model[len(LOCAL_DIR_PREFIX):]).expanduser().resolve()
-        return _Source("local-dir", f"{LOCAL_DIR_PREFIX}{path}", None)
+        folder = Path(model[len(LOCAL_DIR_PREFIX):]).expanduser().resolve()
+        return _Source("local-dir", f"{LOCAL_DIR_PREFIX}{folder}", None)
     if not is_random_weights(pretrained) and Path(pretrained).expanduser().is_dir():
         # A folder as --pretrained is a local-dir model: it holds its own config, so --model is moot.
-        path = Path(pretrained).expanduser().resolve()
-        log.info("pretrained %s is a folder: loading it as %s%s (model %s ignored)", pretrained, LOCAL_DIR_PREFIX, path, model)
-        return _Source("local-dir", f"{LOCAL_DIR_PREFIX}{path}", None)
+        log.info("pretrained %s is a folder: loading it as a local-dir model (model %s ignored)", pretrained, model)
+        return _Source("local-dir", LOCAL_DIR_PREFIX + str(Path(pretrained).expanduser().resolve()), None)
     name = _check_model_name(model)
     if is_random_weights(pretrained):
         return _Source("random", name, None)
@@ -117,27 +101,17 @@ def _resolve_source(spec: EncoderSpec) -> _Source:
             )
         return _Source("file", name, str(path))
     tags = open_clip.list_pretrained_tags_by_model(name)
-    known = f"known tags for {name}: {', '.join(tags)}" if tags else f"open_clip has no pretrained tags for {name}"
     raise UnknownModelError(
         f"unknown pretrained tag '{pretrained}' for model '{model}'",
-        f"{known}; or a local weights file path (.bin/.pt/.pth/.safetensors), or `none` for random weights",
+        (f"known tags for {name}: {', '.join(tags)}" if tags else f"open_clip has no pretrained tags for {name}")
+        + "; or a local weights file path (.bin/.pt/.pth/.safetensors), or `none` for random weights",
     )
-
-
-def _hub_cache(cache_dir: str | None) -> str:
-    if cache_dir:
-        return cache_dir
-    try:
-        from huggingface_hub import constants
-
-        return constants.HF_HUB_CACHE
-    except ImportError:
-        return "~/.cache/huggingface/hub"
 
 
 def _offline_reason() -> str:
     """Why the Hub cannot be reached ('' when it can, or when a proxy makes a direct probe meaningless)."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+    # Read the env var now: huggingface_hub only read it when first imported.
+    if any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in _OFFLINE_VARS):
         return "HF_HUB_OFFLINE is set"
     try:
         from huggingface_hub import constants
@@ -147,8 +121,8 @@ def _offline_reason() -> str:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return ""
-    # huggingface_hub retries unreachable hosts with backoff (~45 s before it gives up), so probe once
-    # ourselves and switch it to cache-only mode when the host cannot be reached.
+    # huggingface_hub retries an unreachable host with backoff (~45 s before it gives up), so probe once
+    # and switch it to cache-only mode when the host cannot be reached.
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -160,165 +134,150 @@ def _offline_reason() -> str:
 
 @contextlib.contextmanager
 def _hub_offline(enabled: bool):
-    """Put huggingface_hub in cache-only mode for the block (it reads HF_HUB_OFFLINE only at import)."""
+    """Cache-only huggingface_hub for the block: it reads the HF_HUB_OFFLINE env var only at import."""
     try:
         from huggingface_hub import constants
     except ImportError:
         enabled = False
-    if not enabled:
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    previous = constants.HF_HUB_OFFLINE if enabled else None
+    if enabled:
+        constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = previous
+        if enabled:
+            constants.HF_HUB_OFFLINE = previous
 
 
-def _safetensors_name(filename: str) -> str:
-    # Mirrors open_clip.pretrained._get_safe_alternatives: the .safetensors twin it tries first.
-    if filename == DEFAULT_HF_WEIGHTS:
-        return "open_clip_model.safetensors"
-    return filename.rsplit(".", 1)[0] + ".safetensors"
+def _hub_cache(cache_dir: str | None) -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        HF_HUB_CACHE = "~/.cache/huggingface/hub"
+    return cache_dir or HF_HUB_CACHE
 
 
-def _repo_not_found(e: BaseException) -> bool:
+def _repo_not_found(e: BaseException | None) -> bool:
     try:
         from huggingface_hub.errors import RepositoryNotFoundError
     except ImportError:
         return False
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, RepositoryNotFoundError):
-            return True
+    for _ in range(10):  # open_clip re-raises inside except blocks, so the Hub's error is in the chain
+        if e is None or isinstance(e, RepositoryNotFoundError):
+            return e is not None
         e = e.__cause__ or e.__context__
     return False
 
 
-def _offline_hint(repo: str, filename: str) -> str:
+def _offline_hint(repo: str, filename: str, use: str = "pass --pretrained /path/to/that/file") -> str:
+    # open_clip tries the .safetensors twin first (open_clip.pretrained._get_safe_alternatives)
+    twin = filename.rsplit(".", 1)[0] + ".safetensors"
+    twin = "open_clip_model.safetensors" if filename == DEFAULT_HF_WEIGHTS else twin
     return (
-        f"on a connected machine download {filename} (or {_safetensors_name(filename)}) from "
-        f"https://huggingface.co/{repo} and pass --pretrained /path/to/that/file; or copy a populated model "
-        "cache folder here and point --model-cache-dir (CLIPSEARCH_MODEL_CACHE_DIR) at it"
+        f"on a connected machine download {filename} (or {twin}) from https://huggingface.co/{repo} and {use}; "
+        "or copy a populated model cache folder here and point --model-cache-dir (CLIPSEARCH_MODEL_CACHE_DIR) at it"
     )
 
 
 def _fetch_weights(source: _Source, cache_dir: str | None, offline: str) -> None:
-    """Make sure the weights are local (download or cache) before building, raising our errors."""
+    """Make sure the weights are local (downloaded or cached) before building, raising our errors."""
     from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
 
-    via = f" ({offline}; only the local cache was checked)" if offline else ""
+    tried = f" ({offline}; only the local cache was checked)" if offline else ""
+    tried += f" with cache {_hub_cache(cache_dir)}"
     if source.kind == "tag":
         cfg = open_clip.get_pretrained_cfg(source.model, source.pretrained)
-        # open_clip's hf_hub entries are 'org/repo/' (default file) or 'org/repo/filename'.
-        repo, filename = os.path.split(cfg.get("hf_hub", ""))
-        filename = filename or DEFAULT_HF_WEIGHTS
+        repo, filename = os.path.split(cfg.get("hf_hub", ""))  # 'org/repo/' (default file) or 'org/repo/file'
         where = f"Hugging Face Hub repo {repo}" if repo else f"URL {cfg.get('url')}"
         try:
             if download_pretrained(cfg, cache_dir=cache_dir):
                 return
-            error: BaseException = RuntimeError("open_clip has no download source for this tag")
+            raise RuntimeError("open_clip has no download source for this tag")
         except Exception as e:  # noqa: BLE001 - every failure here means "no weights"
-            error = e
-        raise WeightsUnavailableError(
-            f"cannot get the '{source.pretrained}' weights for model '{source.model}': tried {where}{via} "
-            f"with cache {_hub_cache(cache_dir)}: {'not in the cache' if offline else _short(error)}",
-            _offline_hint(repo, filename) if repo else "download the file on a connected machine and pass --pretrained /path/to/it",
-        ) from error
-    if source.kind == "hf-hub":
+            raise WeightsUnavailableError(
+                f"cannot get the '{source.pretrained}' weights for model '{source.model}': tried {where}{tried}: "
+                + ("not in the cache" if offline else _short(e)),
+                _offline_hint(repo, filename or DEFAULT_HF_WEIGHTS) if repo
+                else "download the file on a connected machine and pass --pretrained /path/to/it",
+            ) from e
+    elif source.kind == "hf-hub":
         repo = source.model[len(HF_HUB_PREFIX):]
         try:
             download_pretrained_from_hf(repo, filename="open_clip_config.json", cache_dir=cache_dir)
-            # open_clip would silently fall back to random weights if this failed inside create_model.
+            # Inside create_model a failed weights download only warns and leaves random weights.
             download_pretrained_from_hf(repo, cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001
             if _repo_not_found(e):
                 raise UnknownModelError(
                     f"Hugging Face Hub has no repo '{repo}' (or it is private or gated)",
-                    "check the name after hf-hub:; for gated repos log in with `hf auth login`",
+                    "check the name after hf-hub:; for a gated repo log in with `hf auth login`",
                 ) from e
             raise WeightsUnavailableError(
-                f"cannot get model '{source.model}': tried Hugging Face Hub repo {repo}{via} "
-                f"with cache {_hub_cache(cache_dir)}: {'not in the cache' if offline else _short(e)}",
-                _offline_hint(repo, DEFAULT_HF_WEIGHTS).replace(
-                    "pass --pretrained /path/to/that/file", "put it with open_clip_config.json in a folder and pass "
-                    "--model local-dir:/path/to/folder"
-                ),
+                f"cannot get model '{source.model}': tried Hugging Face Hub repo {repo}{tried}: "
+                + ("not in the cache" if offline else _short(e)),
+                _offline_hint(repo, DEFAULT_HF_WEIGHTS, "put it with open_clip_config.json in a folder, then pass "
+                              "--model local-dir:/path/to/folder"),
             ) from e
-    if source.kind == "local-dir":
-        _check_local_dir(Path(source.model[len(LOCAL_DIR_PREFIX):]))
-
-
-def _check_local_dir(path: Path) -> None:
-    layout = (
-        "a local-dir model folder holds open_clip_config.json ({\"model_cfg\": ..., \"preprocess_cfg\": ...}) and "
-        "open_clip_model.safetensors or open_clip_pytorch_model.bin, like an open_clip Hugging Face repo"
-    )
-    if not path.is_dir():
-        raise WeightsUnavailableError(f"model folder {path} does not exist", layout)
-    if not (path / "open_clip_config.json").is_file():
-        raise WeightsUnavailableError(f"model folder {path} has no open_clip_config.json", layout)
-    if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in path.iterdir()):
-        # open_clip would warn and carry on with random weights; refuse instead.
-        raise WeightsUnavailableError(f"model folder {path} has no weights file (.safetensors/.bin/.pth)", layout)
+    elif source.kind == "local-dir":
+        path = Path(source.model[len(LOCAL_DIR_PREFIX):])
+        if not path.is_dir():
+            raise WeightsUnavailableError(f"model folder {path} does not exist", _LOCAL_DIR_LAYOUT)
+        if not (path / "open_clip_config.json").is_file():
+            raise WeightsUnavailableError(f"model folder {path} has no open_clip_config.json", _LOCAL_DIR_LAYOUT)
+        if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in path.iterdir()):
+            # open_clip would warn and carry on with random weights: refuse instead.
+            raise WeightsUnavailableError(f"model folder {path} has no weights file", _LOCAL_DIR_LAYOUT)
 
 
 @contextlib.contextmanager
 def _no_implicit_root_handler():
-    """Stop open_clip's module-level logging.* calls from running logging.basicConfig() as a side effect."""
-    root = logging.getLogger()
-    guard = logging.NullHandler() if not root.handlers else None
-    if guard is not None:
+    """Stop open_clip's module-level logging.warning() calls from running logging.basicConfig()."""
+    root, guard = logging.getLogger(), logging.NullHandler()
+    added = not root.handlers
+    if added:
         root.addHandler(guard)
     try:
         yield
     finally:
-        if guard is not None:
+        if added:
             root.removeHandler(guard)
 
 
 def _build(source: _Source, cache_dir: str | None):
-    """Create model, eval transform and tokenizer on the CPU; random init is seeded so processes agree."""
-    # fork_rng(devices=[]) keeps the caller's RNG untouched and never initialises CUDA; the model is
-    # built on the CPU so random weights are identical whatever device it later runs on.
+    """Model (on the CPU, fp32), eval transform and tokenizer; random init is seeded so processes agree."""
+    # fork_rng(devices=[]) leaves the caller's RNG untouched and never initialises CUDA; building on the
+    # CPU makes random weights identical whatever device the model later runs on.
     with _no_implicit_root_handler(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, _, preprocess = open_clip.create_model_and_transforms(
             source.model, pretrained=source.pretrained, device="cpu", precision="fp32", cache_dir=cache_dir
         )
-    with _no_implicit_root_handler():
         tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
     return model, preprocess, tokenizer
 
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def _precision_plan(device: str, precision: str) -> tuple[torch.dtype, bool]:
-    """(dtype the model runs in, whether to wrap forward passes in CUDA fp16 autocast)."""
+    """(dtype the model runs in, whether forward passes run under CUDA fp16 autocast)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
     if precision == "bf16":
-        return torch.bfloat16, False
+        return torch.bfloat16, False  # a converted model: autocast on the CPU is slower than this
     if device.startswith("cuda"):
         return torch.float32, precision in ("auto", "fp16")
     if precision == "fp16":
         if device == "mps":
             return torch.float16, False
-        log.warning("precision fp16 is not supported on %s; using fp32 (bf16 is the fast option on CPU)", device)
+        log.warning("precision fp16 is not supported on %s; using fp32 (bf16 is the fast option there)", device)
     return torch.float32, False
 
 
 class OpenClipEncoder(Encoder):
-    """An open_clip CLIP model: tag, weights file, none (seeded random), hf-hub: or local-dir: sources."""
+    """An open_clip model from a tag, weights file, none (seeded random), hf-hub: or local-dir: source."""
 
     def __init__(self, spec: EncoderSpec):
         self.spec = spec
-        self.device = resolve_device(spec.device)
-        precision = (spec.precision or "auto").strip().lower()
-        self._dtype, self._autocast = _precision_plan(self.device, precision)
+        self.device = resolve_device(spec.device)  # config errors first, before any slow loading
+        self._dtype, self._autocast = _precision_plan(self.device, (spec.precision or "auto").strip().lower())
         self.precision = "fp16-autocast" if self._autocast else _DTYPE_NAMES[self._dtype]
         self.model_id = model_id_for(spec.model, spec.pretrained)
         cache_dir = str(Path(spec.cache_dir).expanduser()) if spec.cache_dir else None
@@ -332,46 +291,40 @@ class OpenClipEncoder(Encoder):
                 _fetch_weights(source, cache_dir, offline)
                 try:
                     model, self._transform, self._tokenizer = _build(source, cache_dir)
-                except Exception as e:  # noqa: BLE001 - a bad file/folder must not surface as a traceback
+                except Exception as e:  # noqa: BLE001 - a bad file or folder must not surface as a traceback
                     if source.kind == "random":
                         raise
-                    what = source.pretrained or source.model
                     raise WeightsUnavailableError(
-                        f"cannot load weights {what} for model '{spec.model}': {_short(e)}",
-                        "the file may be corrupt, truncated or made for a different model; check --model matches "
+                        f"cannot load weights {source.pretrained or source.model} for model '{spec.model}': "
+                        + _short(e),
+                        "the file may be corrupt, truncated or made for another model: check that --model matches "
                         "the weights, or download them again",
                     ) from e
         if source.kind == "random":
-            log.warning(
-                "model %s has RANDOM weights (pretrained=%s): search results will be meaningless; "
-                "use this only for tests and benchmarks", spec.model, spec.pretrained,
-            )
-        model = model.to(self.device, dtype=self._dtype) if self._dtype != torch.float32 else model.to(self.device)
-        self.model = model.eval()
+            log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use "
+                        "them only for tests and benchmarks", spec.model, spec.pretrained)
+        self.model = model.to(self.device, dtype=self._dtype).eval()
         size = self.model.visual.preprocess_cfg.get("size", 224)
         self.image_size = int(max(size) if isinstance(size, (tuple, list)) else size)
         self.dim = int(getattr(self.model.visual, "output_dim", 0) or self._probe_dim())
         log.info("loaded %s on %s (%s), dim %d", self.model_id, self.device, self.precision, self.dim)
 
     def _probe_dim(self) -> int:
-        # Some towers (timm, HF text) do not expose output_dim: ask the model once.
-        blank = torch.zeros(3, self.image_size, self.image_size)
-        return self._run(self.model.encode_image, blank.unsqueeze(0), cast=True).shape[1]
+        # Some towers (timm, HF) do not expose output_dim: ask the model once.
+        return self._run(self.model.encode_image, torch.zeros(1, 3, self.image_size, self.image_size), True).shape[1]
 
     def _run(self, fn, x: torch.Tensor, cast: bool) -> np.ndarray:
         x = x.to(self.device, dtype=self._dtype if cast else None, non_blocking=True)
         with torch.inference_mode():
-            autocast = torch.autocast("cuda", dtype=torch.float16) if self._autocast else contextlib.nullcontext()
-            with autocast:
+            # Only CUDA ever sees autocast, so CPU runs never touch CUDA APIs.
+            with torch.autocast("cuda", dtype=torch.float16) if self._autocast else contextlib.nullcontext():
                 out = fn(x)
             out = F.normalize(out.float(), dim=-1)
         return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
 
     def preprocess(self, image: Any) -> torch.Tensor:
         """RGB PIL image -> CPU float tensor [3, image_size, image_size] (the model's eval transform)."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return self._transform(image)
+        return self._transform(image if image.mode == "RGB" else image.convert("RGB"))
 
     def encode_images(self, batch: Sequence[torch.Tensor]) -> np.ndarray:
         """preprocess() outputs -> float32 [n, dim], L2-normalised rows."""
@@ -385,5 +338,5 @@ class OpenClipEncoder(Encoder):
             raise TypeError("encode_texts takes a sequence of strings, not one string")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        # Token ids stay integer: only image inputs are cast to the model dtype.
+        # Token ids stay integers: only image inputs are cast to the model dtype.
         return self._run(self.model.encode_text, self._tokenizer(list(texts)), cast=False)
