@@ -27,7 +27,7 @@ def settings_options(*names: str) -> Callable:
         def wrapper(*args, config: str | None, **kwargs):
             overrides = {name: kwargs.pop(name) for name in names}
             settings = load_settings(overrides, config_file=config)
-            logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+            configure_logging(settings.log_level)
             return command(*args, settings=settings, **kwargs)
 
         for name in reversed(names):
@@ -48,6 +48,28 @@ def settings_options(*names: str) -> Callable:
                             help="Settings file (default: ./clipsearch.toml, else the user config dir's).")(wrapper)
 
     return decorate
+
+
+class _ThirdPartyNoise(logging.Filter):
+    """Drop open_clip's root-logger chatter below ERROR: clipsearch reports what matters in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "open_clip" not in record.pathname
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at the chosen level, without third-party noise (e.g. Pillow's corrupt-EXIF warnings)."""
+    import warnings
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if level != "debug" else "%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_ThirdPartyNoise())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Broken EXIF is tolerated by design (orientation falls back to none); Pillow's warning would only alarm.
+    warnings.filterwarnings("ignore", message="(?i)corrupt exif", category=UserWarning)
+    warnings.filterwarnings("ignore", message="(?i).*exif", category=UserWarning, module="PIL")
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -86,7 +108,6 @@ def index(folders: tuple[str, ...], reembed: bool, as_json: bool, settings: Sett
     from clipsearch.cli_progress import ProgressDisplay
     from clipsearch.indexer.run import index_folders
 
-    _warn_random_weights(settings)
     display = ProgressDisplay(enabled=sys.stderr.isatty() and not as_json)
     with display:
         report = index_folders(settings, folders, reembed=reembed, progress=display)
@@ -97,12 +118,6 @@ def index(folders: tuple[str, ...], reembed: bool, as_json: bool, settings: Sett
     if report.interrupted:
         click.echo("stopped early: run the same command again to finish (nothing is lost)", err=True)
         sys.exit(130)
-
-
-def _warn_random_weights(settings: Settings) -> None:
-    if settings.pretrained.lower() in ("none", "random"):
-        click.secho("note: --pretrained none uses random weights: results are meaningless outside tests and benchmarks",
-                    fg="yellow", err=True)
 
 
 def _print_index_summary(report, settings: Settings) -> None:

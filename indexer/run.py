@@ -115,9 +115,15 @@ class Indexer:
             if not self.report.interrupted:
                 self._remove_gone()
                 self._touch_roots(roots)
-        finally:
+        except BaseException:
             self.report.seconds = time.perf_counter() - started
-            self._sync_store()
+            try:  # keep what was committed searchable, but report the original error
+                self._sync_store()
+            except Exception as sync_error:
+                log.warning("could not update the vector index after the error: %s", sync_error)
+            raise
+        self.report.seconds = time.perf_counter() - started
+        self._sync_store()
         return self.report
 
     # --- planning -------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Search: text, image and more-like-this queries over a library."""

@@ -90,3 +90,26 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path):
     stored_ids = np.sort(faiss.vector_to_array(store.index.id_map))
     assert len(np.unique(stored_ids)) == len(stored_ids) == FILES
     assert set(stored_ids.tolist()) == set(ids)
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
+    photos, library = tmp_path / "photos", tmp_path / "library"
+    make_photos(photos)
+    db = library / "catalog.sqlite3"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(index_command(photos, library), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while catalog_rows(db) < 16 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "run the same command again" in err and "Traceback" not in err
+    assert "added" in out  # the summary of what was done before the stop
+    done = catalog_rows(db)
+    assert 0 < done < FILES
+    result = subprocess.run(index_command(photos, library) + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    import json
+
+    summary = json.loads(result.stdout)
+    assert summary["unchanged"] == done and summary["added"] == FILES - done and summary["vectors"] == FILES

@@ -1,0 +1,1 @@
+"""Training and adapting CLIP encoders (clipsearch train): not built yet, see the open training issue."""

@@ -247,10 +247,13 @@ def _build(source: _Source, cache_dir: str | None):
     """Model (on the CPU, fp32), eval transform and tokenizer; random init is seeded so processes agree."""
     # fork_rng(devices=[]) leaves the caller's RNG untouched and never initialises CUDA; building on the
     # CPU makes random weights identical whatever device the model later runs on.
+    # Tags trained with QuickGELU (e.g. ViT-B-32 'openai') only get a warning from open_clip; honour them.
+    tag_cfg = open_clip.get_pretrained_cfg(source.model, source.pretrained) if source.kind == "tag" else {}
     with _no_implicit_root_handler(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            source.model, pretrained=source.pretrained, device="cpu", precision="fp32", cache_dir=cache_dir
+            source.model, pretrained=source.pretrained, device="cpu", precision="fp32", cache_dir=cache_dir,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
         )
         tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
     return model, preprocess, tokenizer

@@ -1,0 +1,223 @@
+"""Indexing throughput benchmark (run by hand, not a test): prints one JSON object to stdout, logs to stderr.
+
+Measures, in one process and side by side:
+  decode   single-threaded read + open_image(target_size=model size, i.e. JPEG draft) + preprocess, per image
+           (mean/p50/p95 ms), and the same with a full decode (target_size=None); draft_speedup = full / draft
+  model    encode_images on batches of preprocessed inputs only, after one warm-up batch
+  index    index_folders into a fresh temporary library (model loaded once beforehand and passed in, so
+           model_load_s is reported apart and excluded), repeated --repeat times with the median
+  memory   peak resident set size of the process, also sampled after each phase
+Machines are shared and noisy: compare figures as ratios taken from the same run (draft_speedup,
+index_vs_model), not absolute numbers across runs or machines. Weights are never downloaded.
+
+    python bench/index_throughput.py                                   # tiny model on the camera roll
+    python bench/index_throughput.py --model ViT-B-32 --pretrained none --limit 64   # ViT-B-32, random weights
+
+FOLDER defaults to ../shared/datasets/camera_roll next to the project; when that is absent (or with
+--synthetic) it generates photo-like JPEGs (half 4000x3000, half 1920x1080) into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights (unless the user said otherwise)
+
+import numpy as np  # noqa: E402
+
+from clipsearch.config import load_settings  # noqa: E402
+from clipsearch.encoders import encoder_spec_from_settings, load_encoder  # noqa: E402
+from clipsearch.errors import ImageDecodeError  # noqa: E402
+from clipsearch.images import open_image, read_image_bytes  # noqa: E402
+from clipsearch.indexer.run import index_folders  # noqa: E402
+from clipsearch.indexer.walk import walk_images  # noqa: E402
+
+DEFAULT_FOLDER = Path(__file__).resolve().parents[1].parent / "shared/datasets/camera_roll"
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def pkg_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def generate_photos(folder: Path, count: int, seed: int = 0) -> None:
+    """Photo-like JPEGs: smooth colour gradients plus sensor-like noise (so they compress like photos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        w, h = (4000, 3000) if i % 2 == 0 else (1920, 1080)
+        x = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
+        y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
+        a, b, c = rng.uniform(0.2, 1.0, 3)
+        channels = [a * x + (1 - a) * y, b * y + (1 - b) * (1 - x), 0.5 + 0.5 * np.sin(6.0 * c * (x + y))]
+        rgb = np.stack([255.0 * ch for ch in np.broadcast_arrays(*channels)], axis=-1)
+        rgb += rng.integers(-10, 11, size=rgb.shape, dtype=np.int8)
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(folder / f"IMG_{i:04d}.jpg", quality=90)
+        if (i + 1) % 20 == 0:
+            log(f"generated {i + 1}/{count} photos")
+
+
+def ms_stats(values: list[float]) -> dict:
+    arr = np.asarray(values or [np.nan]) * 1000.0
+    return {"mean": round(float(arr.mean()), 2), "p50": round(float(np.percentile(arr, 50)), 2),
+            "p95": round(float(np.percentile(arr, 95)), 2)}
+
+
+def decode_pass(files: list[str], encoder, max_pixels: int, target_size: int | None, keep: int):
+    """Single-threaded read + decode + preprocess of every file: (seconds per image, megapixels, inputs kept)."""
+    times, megapixels, kept, failed = [], 0.0, [], 0
+    for path in files:
+        started = time.perf_counter()
+        try:
+            image, info = open_image(read_image_bytes(path), max_pixels=max_pixels, target_size=target_size)
+            model_input = encoder.preprocess(image)
+        except ImageDecodeError:
+            failed += 1
+            continue
+        times.append(time.perf_counter() - started)
+        megapixels += info.width * info.height / 1e6
+        if len(kept) < keep:
+            kept.append(model_input)
+    return times, megapixels, kept, failed
+
+
+def model_pass(encoder, inputs: list, batch_size: int) -> dict:
+    inputs = (inputs * (5 * batch_size // len(inputs) + 1))[:5 * batch_size]  # few files: reuse them
+    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
+    encoder.encode_images(batches[0])  # warm-up
+    timed = batches[1:]
+    started = time.perf_counter()
+    for batch in timed:
+        encoder.encode_images(batch)
+    seconds = time.perf_counter() - started
+    images = sum(len(b) for b in timed)
+    return {"images": images, "batches": len(timed), "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", nargs="?", type=Path, help=f"photos to index (default: {DEFAULT_FOLDER})")
+    for name, default in (("model", "clipsearch-tiny"), ("pretrained", "none"), ("device", "auto"), ("precision", "auto")):
+        p.add_argument(f"--{name}", default=default)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="decoding threads for indexing (0 = one per core, max 8)")
+    p.add_argument("--limit", type=int, help="use only N image files, evenly spaced in walk order")
+    p.add_argument("--repeat", type=int, default=1, help="end-to-end indexing runs (fresh library each)")
+    p.add_argument("--synthetic", action="store_true", help="generate photos even when FOLDER exists")
+    p.add_argument("--generate", type=int, default=200, help="how many photos to generate (default 200)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="clipsearch-bench-") as scratch:
+        scratch = Path(scratch)
+        folder = args.folder or DEFAULT_FOLDER
+        dataset = str(folder)
+        if args.synthetic or (args.folder is None and not folder.is_dir()):
+            count = min(args.generate, args.limit or args.generate)
+            folder, dataset = scratch / "photos", "generated"
+            folder.mkdir()
+            log(f"generating {count} synthetic photos in {folder}")
+            generate_photos(folder, count)
+        elif not folder.is_dir():
+            sys.exit(f"error: folder {folder} does not exist")
+        files = [f.path for f in walk_images(folder)]
+        if args.limit and len(files) > args.limit:
+            files = [files[i * len(files) // args.limit] for i in range(args.limit)]  # a spread, not one subfolder
+            folder = scratch / "subset"  # index just these: symlink them together
+            folder.mkdir()
+            for i, path in enumerate(files):
+                os.symlink(path, folder / f"{i:05d}_{Path(path).name}")
+        total_mb = sum(len(read_image_bytes(f)) for f in files) / 1e6  # also warms the page cache
+        log(f"{len(files)} files ({total_mb:.1f} MB) from {dataset}")
+
+        base = {"model": args.model, "pretrained": args.pretrained, "device": args.device,
+                "precision": args.precision, "batch_size": args.batch_size, "workers": args.workers}
+        settings = load_settings({**base, "data_dir": scratch / "unused"}, env={})
+        rss = {"start": peak_rss_mb()}
+        started = time.perf_counter()
+        encoder = load_encoder(encoder_spec_from_settings(settings))
+        model_load_s = time.perf_counter() - started
+        rss["after_model_load"] = peak_rss_mb()
+        log(f"loaded {encoder.model_id} on {encoder.device} in {model_load_s:.2f}s")
+
+        keep = args.batch_size * 5  # one warm-up batch + four timed ones
+        draft, megapixels, inputs, decode_failed = decode_pass(files, encoder, settings.max_image_pixels,
+                                                              encoder.image_size, keep)
+        full, _, _, _ = decode_pass(files, encoder, settings.max_image_pixels, None, 0)
+        rss["after_decode"] = peak_rss_mb()
+        log(f"decode: draft {ms_stats(draft)['mean']} ms/image, full {ms_stats(full)['mean']} ms/image")
+        if not inputs:
+            sys.exit("error: no image could be decoded")
+        model = model_pass(encoder, inputs, args.batch_size)
+        del inputs
+        rss["after_model"] = peak_rss_mb()
+        log(f"model: {model['images_per_s']} images/s")
+
+        runs = []
+        for i in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="clipsearch-bench-lib-") as data_dir:
+                run_settings = load_settings({**base, "data_dir": data_dir}, env={})
+                report = index_folders(run_settings, [folder], encoder=encoder)
+            runs.append({"images_per_s": round(report.images_per_second, 2), "seconds": round(report.seconds, 3),
+                         "embedded": report.embedded, "failed": len(report.failed),
+                         "decode_seconds": round(report.decode_seconds, 3),
+                         "encode_seconds": round(report.encode_seconds, 3)})
+            log(f"index run {i + 1}/{args.repeat}: {runs[-1]}")
+        rss["after_index"] = peak_rss_mb()
+
+    import torch
+
+    median_ips = statistics.median(r["images_per_s"] for r in runs)
+    draft_mean, full_mean = ms_stats(draft)["mean"], ms_stats(full)["mean"]
+    result = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dataset, "files": len(files), "total_mb": round(total_mb, 1),
+        "total_megapixels": round(megapixels, 1), "decode_failed": decode_failed,
+        "model_id": encoder.model_id, "dim": encoder.dim, "image_size": encoder.image_size,
+        "device": encoder.device, "precision": getattr(encoder, "precision", settings.precision),
+        "batch_size": settings.batch_size, "workers": settings.resolved_workers,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "model_load_s": round(model_load_s, 3),
+        "decode_ms_per_image": {"draft": ms_stats(draft), "full": ms_stats(full)},
+        "draft_speedup": round(full_mean / draft_mean, 2) if draft_mean else None,
+        "model_images_per_s": model["images_per_s"], "model": model,
+        "index": {"images_per_s": median_ips, "runs": runs},
+        "index_vs_model": round(median_ips / model["images_per_s"], 3),
+        "peak_rss_mb": peak_rss_mb(), "rss_mb_by_phase": rss,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "open_clip": pkg_version("open_clip_torch"), "pillow": pkg_version("pillow")},
+        "argv": sys.argv[1:],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
