@@ -60,6 +60,11 @@ def walk_images(
         for entry in children:
             if not include_hidden and entry.name.startswith("."):
                 continue
+            if not _is_utf8(entry.path):
+                # SQLite stores text as UTF-8: such a name cannot be catalogued, so say how to fix it.
+                _report(on_error, os.fsencode(entry.path).decode("utf-8", "replace"),
+                        OSError("file name is not valid UTF-8; rename it to index it"))
+                continue
             try:
                 if entry.is_dir(follow_symlinks=follow_symlinks):
                     subfolders.append(entry.path)
@@ -72,6 +77,14 @@ def walk_images(
                 continue
             yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
         stack.extend(reversed(subfolders))
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (PEP 383)
+        return False
 
 
 def _report(on_error: Callable[[str, str], None] | None, path: str, error: OSError) -> None:

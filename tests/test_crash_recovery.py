@@ -82,6 +82,13 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path):
     info = json.loads(status.stdout)
     assert info["vectors"] == FILES == info["counts"]["embeddings"]
 
+    # A separate process loads the same (seeded) random tiny model and searches the library.
+    found = subprocess.run([sys.executable, "-m", "clipsearch", "search", "a photo of noise", "--json", "-k", "5",
+                            "--data-dir", str(library)], env=env, capture_output=True, text=True, timeout=120)
+    hits = json.loads(found.stdout)
+    assert len(hits) == 5 and all(Path(h["path"]).is_file() for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
     from clipsearch.store import VectorStore
 
     store = VectorStore.load(library / "vectors.faiss")

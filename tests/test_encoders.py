@@ -151,7 +151,7 @@ def _local_dir(saved_weights: Path, folder: Path) -> Path:
 
 def test_local_dir_model(saved_weights, images, reference, tmp_path):
     folder = _local_dir(saved_weights, tmp_path / "tiny-model")
-    for model, pretrained in ((f"local-dir:{folder}", "ignored"), ("ViT-B-32", str(folder))):
+    for model, pretrained in ((f"local-dir:{folder}", "ignored"), ("ViT-B-32", str(folder)), ("ViT-B-32", f"local-dir:{folder}")):
         enc = load_encoder(EncoderSpec(model, pretrained, device="cpu"))
         assert enc.model_id == f"local-dir:{folder.resolve()}"
         assert (enc.dim, enc.image_size) == (64, 64)
@@ -241,6 +241,7 @@ def test_model_id_for(tmp_path):
     assert model_id_for("hf-hub:org/repo", "laion2b_s34b_b79k") == "hf-hub:org/repo"
     assert model_id_for(f"local-dir:{tmp_path}/../{tmp_path.name}", "x") == f"local-dir:{tmp_path.resolve()}"
     assert model_id_for("ViT-B-32", str(tmp_path)) == f"local-dir:{tmp_path.resolve()}"
+    assert model_id_for("ViT-B-32", "hf-hub:org/repo") == "hf-hub:org/repo"
 
 
 class FakeEncoder(Encoder):

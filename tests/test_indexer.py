@@ -238,3 +238,13 @@ def test_vectors_match_a_fresh_embedding(tmp_path, settings, fake_encoder):
     np.testing.assert_allclose(stored, expected, atol=1e-6)
     assert (row.width, row.height, row.format) == (64, 48, "PNG")
     library.close()
+
+
+def test_undecodable_file_name_is_reported_not_fatal(tmp_path, settings, fake_encoder):
+    photos = tmp_path / "photos"
+    make_image(photos / "red.png", "red")
+    bad_name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes on a UTF-8 system
+    shutil.copy(photos / "red.png", photos / bad_name)
+    report = index_folders(settings, [photos], encoder=fake_encoder)
+    assert report.added == 1
+    assert any("UTF-8" in reason for _, reason in report.walk_errors)

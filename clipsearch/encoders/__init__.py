@@ -92,6 +92,13 @@ def _absolute(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def split_reference(model: str, pretrained: str) -> tuple[str, str]:
+    """(model, pretrained) with an `hf-hub:`/`local-dir:` reference given as --pretrained moved to the model."""
+    if (pretrained or "").strip().startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        return pretrained.strip(), ""
+    return model, pretrained
+
+
 def model_id_for(model: str, pretrained: str) -> str:
     """The identity of (model, pretrained) without loading anything.
 
@@ -99,6 +106,7 @@ def model_id_for(model: str, pretrained: str) -> str:
     file; for `hf-hub:`/`local-dir:` models the model string alone (local-dir path made absolute).
     A `pretrained` that is an existing directory stands for `local-dir:` that directory.
     """
+    model, pretrained = split_reference(model, pretrained)
     if model.startswith(HF_HUB_PREFIX):
         return model
     if model.startswith(LOCAL_DIR_PREFIX):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, is_random_weights
-from clipsearch.encoders import looks_like_path, model_id_for, resolve_device
+from clipsearch.encoders import looks_like_path, model_id_for, resolve_device, split_reference
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _check_model_name(model: str) -> str:
 
 def _resolve_source(spec: EncoderSpec) -> _Source:
     """Validate model and pretrained without loading anything and say where the weights come from."""
-    model, pretrained = spec.model.strip(), (spec.pretrained or "").strip()
+    model, pretrained = split_reference(spec.model.strip(), (spec.pretrained or "").strip())
     if model.startswith(HF_HUB_PREFIX):
         return _Source("hf-hub", model, None)  # the repo holds its own weights: pretrained is moot
     if model.startswith(LOCAL_DIR_PREFIX):
