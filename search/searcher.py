@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
-from clipsearch.errors import EmptyLibraryError, ImageDecodeError, QueryError
+from clipsearch.errors import EmptyLibraryError, ImageDecodeError, ModelMismatchError, QueryError
 from clipsearch.library import Library
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class Searcher:
     def __init__(self, library: Library, encoder: Encoder | None = None):
         self.library = library
         self._encoder = encoder
+        self._owns_encoder = encoder is None
         self._store = None
         self._lock = threading.Lock()
 
@@ -59,11 +60,30 @@ class Searcher:
             if not self.library.exists:
                 raise self._empty()
             catalog = self.library.catalog
-            if self._store is None or self._store.generation != catalog.generation():
+            if self._store is None or self._store.generation < catalog.log_floor():
                 self._store = VectorStore.open(self.library.vector_store_path, catalog)
+            elif self._store.generation != catalog.generation():
+                # Another process indexed: catch up from the change log instead of re-reading the whole file.
+                library_model = catalog.library_model()
+                if library_model is None or library_model["model_id"] != self._store.model_id:
+                    self._store = VectorStore.open(self.library.vector_store_path, catalog)
+                else:
+                    self._store.sync(catalog)
             if self._store is None or self._store.count == 0:
                 raise self._empty()
+            self._check_encoder_matches(self._store.model_id)
             return self._store
+
+    def _check_encoder_matches(self, model_id: str) -> None:
+        if self._encoder is None or self._encoder.model_id == model_id:
+            return
+        if self._owns_encoder:  # the library was re-embedded with another model: load that one next
+            self._encoder = None
+            return
+        raise ModelMismatchError(
+            f"the library holds vectors from {model_id}, but this searcher's encoder is {self._encoder.model_id}",
+            "search with the library's model",
+        )
 
     def _empty(self) -> EmptyLibraryError:
         return EmptyLibraryError(

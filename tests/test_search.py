@@ -77,3 +77,29 @@ def test_searcher_sees_changes_made_by_another_indexer(tmp_path, settings, fake_
     paths["red"].unlink()
     index_folders(settings, [tmp_path / "photos"], encoder=fake_encoder)
     assert str(paths["red"]) not in [h.path for h in searcher.search_text("red", k=20)]
+
+
+def test_searcher_follows_a_reembed_by_another_process(tmp_path, settings, fake_encoder, indexed):
+    from dataclasses import replace
+
+    from clipsearch.config import with_overrides
+
+    _, paths = indexed
+    library = Library(replace(settings, explicit=frozenset({"data_dir"})))  # a server started without --model
+    searcher = Searcher(library)
+    assert searcher.search_text("green", k=1)[0].path == str(paths["green"])
+    assert searcher.encoder.model_id == "test-colors/v1"
+    index_folders(with_overrides(settings, pretrained="v2"), [tmp_path / "photos"], reembed=True)
+    assert searcher.search_text("green", k=1)[0].path == str(paths["green"])
+    assert searcher.encoder.model_id == "test-colors/v2"
+    library.close()
+
+
+def test_injected_encoder_of_another_model_is_refused(settings, indexed):
+    from clipsearch.errors import ModelMismatchError
+    from tests.fakes import ColorWordEncoder, EncoderSpec
+
+    searcher, _ = indexed
+    other = ColorWordEncoder(EncoderSpec("test-colors", "v7"))
+    with pytest.raises(ModelMismatchError):
+        Searcher(searcher.library, other).search_text("red", k=1)
