@@ -125,6 +125,14 @@ class KnownImage:
     model: str | None  # model of its embedding, None when it has none
 
 
+def _known_images():
+    """SELECT of the KnownImage fields (row + model of its embedding, if any)."""
+    return select(
+        ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash, ImageRow.status,
+        EmbeddingRow.model,
+    ).outerjoin(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+
+
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -234,12 +242,7 @@ class Catalog:
                 low = root.rstrip("/") + "/"
                 # '0' follows '/' in byte order: [root/, root0) is exactly the paths under root, using the index.
                 high = root.rstrip("/") + "0"
-                query = (
-                    select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash,
-                           ImageRow.status, EmbeddingRow.model)
-                    .outerjoin(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
-                    .where(ImageRow.path >= low, ImageRow.path < high)
-                )
+                query = _known_images().where(ImageRow.path >= low, ImageRow.path < high)
                 for row in session.execute(query):
                     result[row.path] = KnownImage(*row)
         return result
@@ -247,12 +250,7 @@ class Catalog:
     def find_by_hash(self, content_hash: str) -> list[KnownImage]:
         """Rows whose file content has this hash (to recognise moved files)."""
         with self.read() as session:
-            query = (
-                select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash,
-                       ImageRow.status, EmbeddingRow.model)
-                .outerjoin(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
-                .where(ImageRow.content_hash == content_hash)
-            )
+            query = _known_images().where(ImageRow.content_hash == content_hash)
             return [KnownImage(*row) for row in session.execute(query)]
 
     def image_by_path(self, path: str) -> ImageRow | None:
