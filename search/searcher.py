@@ -117,10 +117,10 @@ class Searcher:
         """Images most similar to one already in the library (by id or path), excluding itself."""
         store = self.store()
         image_id = self.resolve_image_id(image)
-        try:
-            vector = store.reconstruct(image_id)
-        except RuntimeError as e:  # faiss: id not present
-            raise QueryError(f"image {image} has no vector (it failed to index)", "run clipsearch status to see why") from e
+        # The catalog keeps exact vectors; an approximate index may only hold compressed ones.
+        vector = self.library.catalog.vector_of(image_id, store.model_id)
+        if vector is None:
+            raise QueryError(f"image {image} has no vector (it failed to index)", "run clipsearch status to see why")
         return self.search_vector(vector, k, exclude={image_id}, store=store)
 
     def resolve_image_id(self, image: int | str | os.PathLike) -> int:
