@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from PIL import features as pil_features
 from PIL.JpegImagePlugin import JpegImageFile
 
@@ -199,19 +199,40 @@ def _decode(data: bytes, max_pixels: int, target_size: int | None) -> tuple[Imag
                 img.draft("RGB", (target_size, target_size))
         img.load()
         taken_at, orientation = _read_exif(img)
-        oriented = img
-        if orientation and orientation != 1:
-            try:
-                oriented = ImageOps.exif_transpose(img)
-            except Exception as e:  # broken EXIF: keep the stored pixels as they are
-                log.debug("cannot apply EXIF orientation %s: %s", orientation, e)
-        if oriented is not img and orientation in _SWAPS_SIDES:
-            width, height = height, width
-        rgb = _to_rgb(oriented)
+        rgb = _to_rgb(img)
+        if target_size:
+            rgb = _reduce_towards(rgb, target_size)
+        transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+        if transpose is not None:
+            # Rotate after reducing: fewer pixels to move. Same mapping as ImageOps.exif_transpose.
+            rgb = rgb.transpose(transpose)
+            if orientation in _SWAPS_SIDES:
+                width, height = height, width
         if rgb is img:
             rgb = img.copy()  # the original is closed on leaving the with block
         rgb.load()
     return rgb, ImageInfo(width, height, fmt, taken_at, orientation)
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _reduce_towards(img: Image.Image, target_size: int) -> Image.Image:
+    """Box-reduce by a whole factor while the shorter side stays >= target_size (what JPEG draft does for JPEG).
+
+    A model resizes to target_size anyway; reducing first makes that resize, the rotation and the copy cheap
+    for large PNG, WebP, HEIC and TIFF photos, and finishes what draft's 1/8 limit leaves for huge JPEGs.
+    """
+    factor = min(img.size) // target_size
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def open_image(
