@@ -43,6 +43,9 @@ from clipsearch.images import open_image, read_image_bytes  # noqa: E402
 from clipsearch.indexer.run import index_folders  # noqa: E402
 from clipsearch.indexer.walk import walk_images  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import clipsearch_whole_process, plain_openclip, rclip_whole_process  # noqa: E402
+
 DEFAULT_FOLDER = Path(__file__).resolve().parents[1].parent / "shared/datasets/camera_roll"
 
 
@@ -118,6 +121,19 @@ def model_pass(encoder, inputs: list, batch_size: int) -> dict:
             "images_per_s": round(images / seconds, 2)}
 
 
+def ratios(index_ips: float, references: dict) -> dict:
+    """clipsearch relative to each reference measured in this run (higher is better for clipsearch)."""
+    out = {}
+    if "plain_openclip_fp32" in references:
+        out["index_vs_plain_baseline"] = round(index_ips / references["plain_openclip_fp32"]["images_per_s"], 2)
+    if "rclip" in references:
+        out["index_vs_rclip"] = round(index_ips / references["rclip"]["images_per_s"], 2)
+        if "clipsearch_whole_process" in references:
+            out["whole_process_rclip_over_clipsearch"] = round(
+                references["rclip"]["seconds"] / references["clipsearch_whole_process"]["seconds"], 2)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", nargs="?", type=Path, help=f"photos to index (default: {DEFAULT_FOLDER})")
@@ -130,6 +146,9 @@ def main() -> None:
     p.add_argument("--synthetic", action="store_true", help="generate photos even when FOLDER exists")
     p.add_argument("--generate", type=int, default=200, help="how many photos to generate (default 200)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain open_clip fp32 full-decode loop")
+    p.add_argument("--no-whole-process", action="store_true", help="skip timing `clipsearch index` as a whole process")
+    p.add_argument("--rclip", help="path to an rclip 3.3 executable (own venv) to time side by side")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="clipsearch-bench-") as scratch:
@@ -189,6 +208,19 @@ def main() -> None:
             log(f"index run {i + 1}/{args.repeat}: {runs[-1]}")
         rss["after_index"] = peak_rss_mb()
 
+        references = {}
+        if not args.no_baseline:
+            references["plain_openclip_fp32"] = plain_openclip(files, args.model, args.batch_size)
+            log(f"plain open_clip baseline: {references['plain_openclip_fp32']}")
+        if not args.no_whole_process:
+            extra = ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
+                     "--precision", args.precision]
+            references["clipsearch_whole_process"] = clipsearch_whole_process(folder, args.model, args.pretrained, extra)
+            log(f"clipsearch whole process: {references['clipsearch_whole_process']}")
+        if args.rclip:
+            references["rclip"] = rclip_whole_process(args.rclip, folder, len(files))
+            log(f"rclip: {references['rclip']}")
+
     import torch
 
     median_ips = statistics.median(r["images_per_s"] for r in runs)
@@ -207,6 +239,8 @@ def main() -> None:
         "model_images_per_s": model["images_per_s"], "model": model,
         "index": {"images_per_s": median_ips, "runs": runs},
         "index_vs_model": round(median_ips / model["images_per_s"], 3),
+        "references": references,
+        "ratios": ratios(median_ips, references),
         "peak_rss_mb": peak_rss_mb(), "rss_mb_by_phase": rss,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "open_clip": pkg_version("open_clip_torch"), "pillow": pkg_version("pillow")},
