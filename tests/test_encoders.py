@@ -42,7 +42,8 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_encoder(EncoderSpec(TINY, "none", device="cpu"))
+    # fp32 explicitly: precision auto is bf16 on CPUs with native bf16, and these tests compare at 1e-6.
+    return load_encoder(EncoderSpec(TINY, "none", device="cpu", precision="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_random_weights_deterministic_across_loads(tiny, images, reference, capl
     torch.manual_seed(1234)
     state = torch.random.get_rng_state()
     with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):
-        other = load_encoder(EncoderSpec(TINY, "Random", device="cpu"))
+        other = load_encoder(EncoderSpec(TINY, "Random", device="cpu", precision="fp32"))
     assert torch.equal(state, torch.random.get_rng_state()), "loading must not disturb the global RNG"
     assert any("meaningless" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(other.encode_images([other.preprocess(im) for im in images]), reference[0], atol=1e-6)
@@ -96,7 +97,7 @@ def test_random_weights_deterministic_across_loads(tiny, images, reference, capl
 def test_random_weights_agree_across_processes(tiny, reference):
     code = (
         "import sys, numpy as np; from clipsearch.encoders import EncoderSpec, load_encoder; "
-        "e = load_encoder(EncoderSpec('clipsearch-tiny', 'none', device='cpu')); "
+        "e = load_encoder(EncoderSpec('clipsearch-tiny', 'none', device='cpu', precision='fp32')); "
         "sys.stdout.write(repr(e.encode_texts(['a red car', 'a dog']).tolist()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
@@ -135,7 +136,7 @@ def saved_weights(tiny, tmp_path_factory):
 @pytest.mark.parametrize("name", ["tiny.pt", "tiny.safetensors"])
 def test_local_weights_file(saved_weights, images, reference, name):
     path = saved_weights / name
-    enc = load_encoder(EncoderSpec(TINY, str(path), device="cpu"))
+    enc = load_encoder(EncoderSpec(TINY, str(path), device="cpu", precision="fp32"))
     assert enc.model_id == f"{TINY}/file:{path.resolve()}"
     np.testing.assert_allclose(enc.encode_images([enc.preprocess(im) for im in images]), reference[0], atol=1e-6)
     np.testing.assert_allclose(enc.encode_texts(["a red car", "a dog"]), reference[1], atol=1e-6)
@@ -152,7 +153,7 @@ def _local_dir(saved_weights: Path, folder: Path) -> Path:
 def test_local_dir_model(saved_weights, images, reference, tmp_path):
     folder = _local_dir(saved_weights, tmp_path / "tiny-model")
     for model, pretrained in ((f"local-dir:{folder}", "ignored"), ("ViT-B-32", str(folder)), ("ViT-B-32", f"local-dir:{folder}")):
-        enc = load_encoder(EncoderSpec(model, pretrained, device="cpu"))
+        enc = load_encoder(EncoderSpec(model, pretrained, device="cpu", precision="fp32"))
         assert enc.model_id == f"local-dir:{folder.resolve()}"
         assert (enc.dim, enc.image_size) == (64, 64)
         np.testing.assert_allclose(enc.encode_images([enc.preprocess(im) for im in images]), reference[0], atol=1e-6)
@@ -292,6 +293,6 @@ def test_offline_tag_loads_from_populated_cache(monkeypatch, saved_weights, tmp_
     (tmp_path / "models--clipsearch--tiny-test" / "refs").mkdir()
     (tmp_path / "models--clipsearch--tiny-test" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    enc = load_encoder(EncoderSpec(TINY, "CACHED", device="cpu", cache_dir=tmp_path))
+    enc = load_encoder(EncoderSpec(TINY, "CACHED", device="cpu", precision="fp32", cache_dir=tmp_path))
     assert enc.model_id == f"{TINY}/cached"
     np.testing.assert_allclose(enc.encode_images([enc.preprocess(im) for im in images]), reference[0], atol=1e-6)

@@ -6,7 +6,9 @@ Nothing here imports torch or open_clip at import time: `clipsearch --help` must
 from __future__ import annotations
 
 import abc
+import functools
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,12 @@ LOCAL_DIR_PREFIX = "local-dir:"
 RANDOM_WEIGHTS = ("", "none", "random")
 WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags with bf16 matmul instructions
 
 __all__ = [
     "Encoder",
     "EncoderSpec",
+    "cpu_has_native_bf16",
     "encoder_spec_from_settings",
     "is_random_weights",
     "load_encoder",
@@ -57,6 +61,9 @@ class Encoder(abc.ABC):
     @abc.abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> "np.ndarray":
         """Encode texts into float32 [n, dim] L2-normalised rows ((0, dim) for none)."""
+
+    def warm_up(self) -> None:
+        """Run one tiny text and image encode so the first real query pays no lazy initialisation (default: no-op)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({getattr(self, 'model_id', '?')!r}, device={getattr(self, 'device', '?')!r})"
@@ -161,6 +168,28 @@ def encoder_spec_from_settings(settings: Any) -> EncoderSpec:
         precision=settings.precision,
         cache_dir=settings.model_cache_dir,
     )
+
+
+def cpu_flags_have_native_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text lists a CPU flag for native bf16 matmuls (avx512_bf16 or amx_bf16)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":  # x86 only: other architectures have no such line and count as not native
+            return any(flag in value.split() for flag in NATIVE_BF16_FLAGS)
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (Linux x86 with avx512_bf16/amx_bf16); False elsewhere."""
+    # Without these instructions bf16 is emulated and slower than fp32, so macOS, ARM and older x86 say no.
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_flags_have_native_bf16(f.read())
+    except OSError:
+        return False
 
 
 def resolve_device(device: str) -> str:
