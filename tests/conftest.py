@@ -50,3 +50,9 @@ def settings(tmp_path, fake_encoder):
         {"data_dir": tmp_path / "library", "model": "test-colors", "pretrained": "v1", "workers": 2, "batch_size": 4},
         env={},
     )
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """A per-test user cache dir, so built-model caching is exercised from scratch."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))

@@ -21,6 +21,7 @@ from PIL import Image
 
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, cpu_has_native_bf16
 from clipsearch.encoders import is_random_weights, looks_like_path, model_id_for, resolve_device, split_reference
+from clipsearch.encoders.model_cache import cache_folder, cache_key, load_built, save_built
 from clipsearch.encoders.text_cut import plan_text_cut
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
 
@@ -245,17 +246,31 @@ def _no_implicit_root_handler():
             root.removeHandler(guard)
 
 
+def _quick_gelu(source: _Source) -> bool:
+    """Whether the tag was trained with QuickGELU (open_clip only warns about it; clipsearch honours it)."""
+    if source.kind != "tag":
+        return False
+    return bool(open_clip.get_pretrained_cfg(source.model, source.pretrained).get("quick_gelu"))
+
+
+def _built_cache_key(source: _Source) -> str | None:
+    """Key of the built-model cache, or None when this source is not cached."""
+    config = open_clip.get_model_config(source.model) or {}
+    if config.get("text_cfg", {}).get("hf_tokenizer_name") or "timm_model_name" in config.get("vision_cfg", {}):
+        return None  # tokenizers and towers from other libraries may need the Hub: keep the normal path
+    return cache_key(source.kind, source.model, source.pretrained, _quick_gelu(source))
+
+
 def _build(source: _Source, cache_dir: str | None):
     """Model (on the CPU, fp32), eval transform and tokenizer; random init is seeded so processes agree."""
     # fork_rng(devices=[]) leaves the caller's RNG untouched and never initialises CUDA; building on the
     # CPU makes random weights identical whatever device the model later runs on.
     # Tags trained with QuickGELU (e.g. ViT-B-32 'openai') only get a warning from open_clip; honour them.
-    tag_cfg = open_clip.get_pretrained_cfg(source.model, source.pretrained) if source.kind == "tag" else {}
     with _no_implicit_root_handler(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, _, preprocess = open_clip.create_model_and_transforms(
             source.model, pretrained=source.pretrained, device="cpu", precision="fp32", cache_dir=cache_dir,
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu")),
+            force_quick_gelu=_quick_gelu(source),
         )
         tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
     return model, preprocess, tokenizer
@@ -294,23 +309,15 @@ class OpenClipEncoder(Encoder):
         cache_dir = str(Path(spec.cache_dir).expanduser()) if spec.cache_dir else None
         register_model_configs()
         source = _resolve_source(spec)
-        with _LOAD_LOCK:
-            offline = _offline_reason() if source.kind in ("tag", "hf-hub") else ""
-            if offline:
-                log.info("Hugging Face Hub unavailable (%s): using cached weights only", offline)
-            with _hub_offline(bool(offline)):
-                _fetch_weights(source, cache_dir, offline)
-                try:
-                    model, self._transform, self._tokenizer = _build(source, cache_dir)
-                except Exception as e:  # noqa: BLE001 - a bad file or folder must not surface as a traceback
-                    if source.kind == "random":
-                        raise
-                    raise WeightsUnavailableError(
-                        f"cannot load weights {source.pretrained or source.model} for model '{spec.model}': "
-                        + _short(e),
-                        "the file may be corrupt, truncated or made for another model: check that --model matches "
-                        "the weights, or download them again",
-                    ) from e
+        built_key = _built_cache_key(source)
+        cached = load_built(cache_folder(cache_dir), built_key, source.model, _quick_gelu(source)) if built_key else None
+        if cached is not None:
+            model, self._transform = cached
+            self._tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
+        else:
+            model = self._build_first_time(spec, source, cache_dir)
+            if built_key:
+                save_built(cache_folder(cache_dir), built_key, model)
         if source.kind == "random":
             log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use "
                         "them only for tests and benchmarks", spec.model, spec.pretrained)
@@ -324,6 +331,27 @@ class OpenClipEncoder(Encoder):
         self.dim = int(getattr(self.model.visual, "output_dim", 0) or self._probe_dim())
         log.info("loaded %s on %s (%s), dim %d, text truncation %s", self.model_id, self.device, self.precision,
                  self.dim, "on" if self.text_truncation else "off")
+
+    def _build_first_time(self, spec: EncoderSpec, source: _Source, cache_dir: str | None):
+        """Fetch weights if needed and build the fp32 CPU model the slow way; sets transform and tokenizer."""
+        with _LOAD_LOCK:
+            offline = _offline_reason() if source.kind in ("tag", "hf-hub") else ""
+            if offline:
+                log.info("Hugging Face Hub unavailable (%s): using cached weights only", offline)
+            with _hub_offline(bool(offline)):
+                _fetch_weights(source, cache_dir, offline)
+                try:
+                    model, self._transform, self._tokenizer = _build(source, cache_dir)
+                    return model
+                except Exception as e:  # noqa: BLE001 - a bad file or folder must not surface as a traceback
+                    if source.kind == "random":
+                        raise
+                    raise WeightsUnavailableError(
+                        f"cannot load weights {source.pretrained or source.model} for model '{spec.model}': "
+                        + _short(e),
+                        "the file may be corrupt, truncated or made for another model: check that --model matches "
+                        "the weights, or download them again",
+                    ) from e
 
     def _probe_dim(self) -> int:
         # Some towers (timm, HF) do not expose output_dim: ask the model once.

@@ -1,0 +1,59 @@
+"""The built-model cache: a second load builds on the meta device from the cache and gives identical embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipsearch.encoders import EncoderSpec, load_encoder
+from clipsearch.encoders.model_cache import cache_folder
+
+
+def embeddings(encoder):
+    images = [Image.new("RGB", (80, 60), colour) for colour in ("red", "navy", "olive")]
+    return (encoder.encode_images([encoder.preprocess(im) for im in images]),
+            encoder.encode_texts(["a red square", "a dark blue photo of the sea"]))
+
+
+def cached_files():
+    folder = cache_folder(None)
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def test_random_weights_load_from_cache_identically():
+    spec = EncoderSpec("clipsearch-tiny", "none", "cpu", "fp32")
+    first = load_encoder(spec)
+    assert len(cached_files()) == 1
+    second = load_encoder(spec)
+    for a, b in zip(embeddings(first), embeddings(second)):
+        np.testing.assert_array_equal(a, b)
+    assert second.text_truncation and second.image_size == first.image_size
+
+
+def test_weights_file_cache_follows_the_file(tmp_path):
+    torch.manual_seed(1)
+    reference = load_encoder(EncoderSpec("clipsearch-tiny", "none", "cpu", "fp32"))
+    weights = tmp_path / "tiny.pt"
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.model.state_dict().items()}
+    torch.save(state, weights)
+    spec = EncoderSpec("clipsearch-tiny", str(weights), "cpu", "fp32")
+    first, second = load_encoder(spec), load_encoder(spec)
+    for a, b in zip(embeddings(first), embeddings(second)):
+        np.testing.assert_array_equal(a, b)
+    # Replacing the weights file must not load the stale cached tensors.
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    changed = load_encoder(spec)
+    assert not np.allclose(embeddings(changed)[0], embeddings(first)[0])
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage"])
+def test_damaged_cache_is_ignored(damage):
+    spec = EncoderSpec("clipsearch-tiny", "none", "cpu", "fp32")
+    first = load_encoder(spec)
+    (path,) = cached_files()
+    path.write_bytes(damage)
+    second = load_encoder(spec)
+    for a, b in zip(embeddings(first), embeddings(second)):
+        np.testing.assert_array_equal(a, b)
