@@ -358,6 +358,9 @@ class OpenClipEncoder(Encoder):
         return self._run(self.model.encode_image, torch.zeros(1, 3, self.image_size, self.image_size), True).shape[1]
 
     def _run(self, fn, x: torch.Tensor, cast: bool) -> np.ndarray:
+        if self.device.startswith("cuda"):
+            # A page-locked copy lets the host-to-device transfer run asynchronously (DMA) instead of staging.
+            x = x.pin_memory()
         x = x.to(self.device, dtype=self._dtype if cast else None, non_blocking=True)
         with torch.inference_mode():
             # Only CUDA ever sees autocast, so CPU runs never touch CUDA APIs.
