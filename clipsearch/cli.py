@@ -14,7 +14,7 @@ from clipsearch import __version__
 from clipsearch.config import Settings, cli_flag, describe_settings, load_settings, setting_fields
 from clipsearch.errors import ClipsearchError
 
-ENCODER_SETTINGS = ("data_dir", "model", "pretrained", "device", "precision", "model_cache_dir", "log_level")
+ENCODER_SETTINGS = ("data_dir", "model", "pretrained", "device", "precision", "model_cache_dir", "vector_index", "log_level")
 INDEX_SETTINGS = ENCODER_SETTINGS + ("batch_size", "workers", "max_image_pixels", "include_hidden", "follow_symlinks")
 
 
@@ -194,7 +194,8 @@ def status(as_json: bool, max_failures: int, settings: Settings) -> None:
     click.echo(f"folders:   {', '.join(info['roots']) or '-'}")
     counts = info["counts"]
     click.echo(f"images:    {counts['images']} ({counts['ok']} indexed, {counts['failed']} failed)")
-    click.echo(f"vectors:   {info['vectors']} in the index, {counts['embeddings']} in the catalog")
+    kind = f" ({info['index_kind']} search)" if info.get("index_kind") else ""
+    click.echo(f"vectors:   {info['vectors']} in the index{kind}, {counts['embeddings']} in the catalog")
     click.echo(f"on disk:   catalog {_size(info['catalog_bytes'])}, index {_size(info['index_bytes'])}")
     if info["failures"]:
         click.echo("failed files:")

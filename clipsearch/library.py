@@ -52,7 +52,7 @@ class Library:
         """The vector store caught up with the catalog, or None when nothing is indexed yet."""
         from clipsearch.store import VectorStore
 
-        return VectorStore.open(self.vector_store_path, self.catalog)
+        return VectorStore.open(self.vector_store_path, self.catalog, kind=self.settings.vector_index)
 
     @contextmanager
     def writer_lock(self) -> Iterator[None]:

@@ -36,6 +36,7 @@ def library_status(settings: Settings, max_failures: int | None = 20) -> dict[st
         info["failures"] = [{"path": p, "reason": r} for p, r in catalog.failures(max_failures)]
         store = library.open_store()
         info["vectors"] = store.count if store is not None else 0
+        info["index_kind"] = store.kind if store is not None else None
         info["catalog_bytes"] = sum(
             store_size_bytes(settings.catalog_path.with_name(settings.catalog_path.name + suffix))
             for suffix in ("", "-wal", "-shm")

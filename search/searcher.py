@@ -54,19 +54,17 @@ class Searcher:
 
     def store(self):
         """The vector store, reloaded when another process changed the catalog."""
-        from clipsearch.store import VectorStore
-
         with self._lock:
             if not self.library.exists:
                 raise self._empty()
             catalog = self.library.catalog
             if self._store is None or self._store.generation < catalog.log_floor():
-                self._store = VectorStore.open(self.library.vector_store_path, catalog)
+                self._store = self.library.open_store()
             elif self._store.generation != catalog.generation():
                 # Another process indexed: catch up from the change log instead of re-reading the whole file.
                 library_model = catalog.library_model()
                 if library_model is None or library_model["model_id"] != self._store.model_id:
-                    self._store = VectorStore.open(self.library.vector_store_path, catalog)
+                    self._store = self.library.open_store()
                 else:
                     self._store.sync(catalog)
             if self._store is None or self._store.count == 0:
