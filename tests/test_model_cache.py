@@ -57,3 +57,18 @@ def test_damaged_cache_is_ignored(damage):
     second = load_encoder(spec)
     for a, b in zip(embeddings(first), embeddings(second)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cache_is_per_precision_and_keeps_the_verified_text_cut():
+    bf16 = EncoderSpec("clipsearch-tiny", "none", "cpu", "bf16")
+    first = load_encoder(bf16)
+    second = load_encoder(bf16)  # from the bf16 cache file: no conversion, no re-verification
+    assert first.text_truncation and second.text_truncation
+    assert next(second.model.parameters()).dtype == torch.bfloat16
+    for a, b in zip(embeddings(first), embeddings(second)):
+        np.testing.assert_array_equal(a, b)
+    fp32 = load_encoder(EncoderSpec("clipsearch-tiny", "none", "cpu", "fp32"))
+    assert len(cached_files()) == 2 and next(fp32.model.parameters()).dtype == torch.float32
+    for a, b in zip(embeddings(fp32), embeddings(second)):
+        cosine = (a * b).sum(axis=1)
+        assert cosine.min() >= 0.999

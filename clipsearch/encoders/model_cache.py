@@ -2,8 +2,9 @@
 
 Building a model the usual way initialises every weight randomly, then parses the checkpoint over them
 (ViT-B-32: about 0.8 s of init plus the checkpoint read, and a Hub lookup for tags). The cache keeps every
-parameter and buffer of the built fp32 model in one safetensors file; a later load builds the structure on
-PyTorch's meta device (no init, no memory) and assigns the memory-mapped tensors to it.
+parameter and buffer of the built model, already converted to the precision it runs in, in one safetensors
+file; a later load builds the structure on PyTorch's meta device (no init, no memory) and assigns the tensors
+to it, so neither the init nor the conversion is paid again.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def cache_key(kind: str, model: str, pretrained: str | None, quick_gelu: bool) -
 
 
 def load_built(folder: Path, key: str, model: str, quick_gelu: bool):
-    """(model, preprocess) from the cache, or None when absent or unusable (the caller then builds normally)."""
+    """(model, preprocess, metadata) from the cache, or None when absent or unusable (then build normally)."""
     path = folder / f"{key}.safetensors"
     if not path.is_file():
         return None
@@ -61,7 +62,8 @@ def load_built(folder: Path, key: str, model: str, quick_gelu: bool):
         from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as handle:
-            preprocess_cfg = json.loads(handle.metadata()["preprocess_cfg"])
+            metadata = dict(handle.metadata())
+        preprocess_cfg = json.loads(metadata.pop("preprocess_cfg"))
         tensors = load_file(str(path))
         with torch.device("meta"):  # allocate nothing and skip the random init: every tensor comes from the file
             built = open_clip.create_model(model, pretrained=None, device="meta", force_quick_gelu=quick_gelu)
@@ -74,16 +76,16 @@ def load_built(folder: Path, key: str, model: str, quick_gelu: bool):
     except Exception as e:  # a damaged or foreign cache file only costs a normal build
         log.info("ignoring cached model %s (%s)", path, e)
         return None
-    return built, preprocess
+    return built, preprocess, metadata
 
 
-def save_built(folder: Path, key: str, built: torch.nn.Module) -> None:
+def save_built(folder: Path, key: str, built: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
     """Write the built model atomically; a failure (full disk, read-only cache) only loses the speed-up."""
     try:
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().contiguous() for name, t in _named_tensors(built)}
-        metadata = {"preprocess_cfg": json.dumps(built.visual.preprocess_cfg)}
+        metadata = {**(metadata or {}), "preprocess_cfg": json.dumps(built.visual.preprocess_cfg)}
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=key, suffix=".tmp", dir=folder)
         os.close(fd)

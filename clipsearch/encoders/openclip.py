@@ -22,7 +22,7 @@ from PIL import Image
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, cpu_has_native_bf16
 from clipsearch.encoders import is_random_weights, looks_like_path, model_id_for, resolve_device, split_reference
 from clipsearch.encoders.model_cache import cache_folder, cache_key, load_built, save_built
-from clipsearch.encoders.text_cut import plan_text_cut
+from clipsearch.encoders.text_cut import find_causal_tower, plan_text_cut
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -310,22 +310,26 @@ class OpenClipEncoder(Encoder):
         register_model_configs()
         source = _resolve_source(spec)
         built_key = _built_cache_key(source)
-        cached = load_built(cache_folder(cache_dir), built_key, source.model, _quick_gelu(source)) if built_key else None
+        # One cache file per precision: converting 150M weights to bf16 costs more than loading them.
+        key = f"{built_key}-{_DTYPE_NAMES[self._dtype]}" if built_key else None
+        cached = load_built(cache_folder(cache_dir), key, source.model, _quick_gelu(source)) if key else None
         if cached is not None:
-            model, self._transform = cached
+            model, self._transform, metadata = cached
             self._tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
+            # The cut was verified in fp32 when the cache was written; the tower found now is that same code path.
+            self._text_tower = find_causal_tower(model)[0] if metadata.get("text_cut") == "verified" else None
         else:
-            model = self._build_first_time(spec, source, cache_dir)
-            if built_key:
-                save_built(cache_folder(cache_dir), built_key, model)
+            model = self._build_first_time(spec, source, cache_dir).eval()
+            # Decided in fp32 on the CPU, before any conversion, so the check is exact whatever precision runs.
+            self._text_tower = plan_text_cut(model, self._tokenizer, "cpu")
+            model = model.to(dtype=self._dtype)
+            if key:
+                save_built(cache_folder(cache_dir), key, model, {"text_cut": "verified" if self._text_tower else "off"})
         if source.kind == "random":
             log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use "
                         "them only for tests and benchmarks", spec.model, spec.pretrained)
-        model = model.to(self.device).eval()
-        # Decided in fp32, before any conversion, so the check is exact whatever precision runs later.
-        self._text_tower = plan_text_cut(model, self._tokenizer, self.device)
         self.text_truncation = self._text_tower is not None
-        self.model = model.to(dtype=self._dtype)
+        self.model = model.to(self.device).eval()
         size = self.model.visual.preprocess_cfg.get("size", 224)
         self.image_size = int(max(size) if isinstance(size, (tuple, list)) else size)
         self.dim = int(getattr(self.model.visual, "output_dim", 0) or self._probe_dim())
