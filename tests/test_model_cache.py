@@ -72,3 +72,17 @@ def test_cache_is_per_precision_and_keeps_the_verified_text_cut():
     for a, b in zip(embeddings(fp32), embeddings(second)):
         cosine = (a * b).sum(axis=1)
         assert cosine.min() >= 0.999
+
+
+def test_abandoned_temp_files_are_cleaned():
+    import os
+    import time
+
+    folder = cache_folder(None)
+    folder.mkdir(parents=True)
+    old, fresh = folder / "old-build.tmp", folder / "fresh-build.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    load_encoder(EncoderSpec("clipsearch-tiny", "none", "cpu", "fp32"))
+    assert not old.exists() and fresh.exists()
