@@ -97,7 +97,7 @@ def main() -> None:
     """Semantic photo search with CLIP: index your photos, then find them by describing them."""
 
 
-@main.command()
+@main.command(short_help="Index photo folders (only what changed).")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--reembed", is_flag=True, help="Re-embed every image with the chosen model, replacing the library's vectors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -137,7 +137,7 @@ def _print_index_summary(report, settings: Settings) -> None:
     click.echo(f"library {settings.data_dir}: {report.vectors} images searchable")
 
 
-@main.command()
+@main.command(short_help="Find photos by text, by image, or like one.")
 @click.argument("query", required=False)
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Search with an image file instead of text.")
 @click.option("--like", "like", metavar="PATH|ID", help="Find images like one already in the library (path or id).")
@@ -176,7 +176,7 @@ def search(query: str | None, image_path: str | None, like: str | None, top_k: i
         click.echo(f"{hit.score:.4f}  {hit.path}")
 
 
-@main.command()
+@main.command(short_help="Show the library, its model and failures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--failures", "max_failures", type=int, default=20, show_default=True, help="Failed files to list (0: all).")
 @reports_errors
@@ -213,7 +213,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-@main.command("config")
+@main.command("config", short_help="Show every setting and where it came from.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @reports_errors
 @settings_options()
