@@ -69,7 +69,6 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Broken EXIF is tolerated by design (orientation falls back to none); Pillow's warning would only alarm.
     warnings.filterwarnings("ignore", message="(?i)corrupt exif", category=UserWarning)
-    warnings.filterwarnings("ignore", message="(?i).*exif", category=UserWarning, module="PIL")
 
 
 def reports_errors(command: Callable) -> Callable:

@@ -367,10 +367,3 @@ def store_size_bytes(path: Path) -> int:
     except OSError:
         return 0
 
-
-def require_store(path: Path, catalog: Catalog, kind: str = "auto") -> VectorStore:
-    """Open the store or raise LibraryError when the library has no vectors yet."""
-    store = VectorStore.open(path, catalog, kind=kind)
-    if store is None:
-        raise LibraryError("the library holds no vectors yet", "run `clipsearch index DIR` first")
-    return store
