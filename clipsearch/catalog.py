@@ -328,6 +328,67 @@ class Catalog:
             if current is None or int(current.value) < up_to:
                 self.set_meta(session, "vector_log_floor", str(up_to))
 
+    def filter_ids(self, folder: str | None = None, date_from: datetime | None = None, date_to: datetime | None = None,
+                   formats: Sequence[str] = ()) -> np.ndarray:
+        """Ids of indexed images under a folder, dated in [date_from, date_to) and of the given formats."""
+        query = select(ImageRow.id).where(ImageRow.status == STATUS_OK)
+        if folder:
+            low, high = folder.rstrip("/") + "/", folder.rstrip("/") + "0"  # the range trick of known_under
+            query = query.where(ImageRow.path >= low, ImageRow.path < high)
+        date = photo_date()
+        if date_from is not None:
+            query = query.where(date >= _sqlite_datetime(date_from))
+        if date_to is not None:
+            query = query.where(date < _sqlite_datetime(date_to))
+        if formats:
+            query = query.where(ImageRow.format.in_([f.upper() for f in formats]))
+        with self.read() as session:
+            return np.fromiter(session.scalars(query), dtype=np.int64)
+
+    def dates_of(self, ids: Sequence[int]) -> dict[int, datetime]:
+        """The photo date (EXIF date taken, else file time) of each given image id."""
+        found: dict[int, datetime] = {}
+        with self.read() as session:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start : start + 500]]
+                rows = session.execute(select(ImageRow.id, ImageRow.taken_at, ImageRow.mtime_ns).where(ImageRow.id.in_(chunk)))
+                for image_id, taken_at, mtime_ns in rows:
+                    found[image_id] = taken_at or file_time(mtime_ns)
+        return found
+
+    def formats(self) -> dict[str, int]:
+        """Indexed images per file format (Pillow's names: JPEG, PNG, HEIF...)."""
+        with self.read() as session:
+            rows = session.execute(
+                select(ImageRow.format, func.count()).where(ImageRow.status == STATUS_OK, ImageRow.format.is_not(None))
+                .group_by(ImageRow.format).order_by(func.count().desc())
+            )
+            return {fmt: n for fmt, n in rows}
+
+    def date_range(self) -> tuple[datetime, datetime] | None:
+        """(oldest, newest) photo date of the indexed images, or None when there are none."""
+        date = photo_date()
+        with self.read() as session:
+            low, high = session.execute(select(func.min(date), func.max(date)).where(ImageRow.status == STATUS_OK)).one()
+        if low is None:
+            return None
+        return _parse_sqlite_datetime(low), _parse_sqlite_datetime(high)
+
+    def folders(self, depth: int = 1) -> list[tuple[str, int]]:
+        """(folder, indexed images under it) for each root and its subfolders down to `depth` levels."""
+        counts: dict[str, int] = {}
+        with self.read() as session:
+            rows = session.execute(
+                select(ImageRow.root, ImageRow.path).where(ImageRow.status == STATUS_OK).execution_options(yield_per=5000)
+            )
+            for root, path in rows:
+                counts[root] = counts.get(root, 0) + 1
+                parts = path[len(root.rstrip("/")) + 1 :].split("/")[:-1]
+                for level in range(1, min(depth, len(parts)) + 1):
+                    folder = root.rstrip("/") + "/" + "/".join(parts[:level])
+                    counts[folder] = counts.get(folder, 0) + 1
+        return sorted(counts.items())
+
     def counts(self) -> dict[str, int]:
         """Image counts by status and the number of stored embeddings."""
         with self.read() as session:
@@ -352,6 +413,27 @@ class Catalog:
         """The folders the user has indexed."""
         with self.read() as session:
             return list(session.scalars(select(RootRow).order_by(RootRow.path)))
+
+
+def file_time(mtime_ns: int) -> datetime:
+    """A file's modification time as a naive UTC datetime (how photo dates without EXIF are kept)."""
+    return datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc).replace(tzinfo=None)
+
+
+def photo_date():
+    """SQL expression of an image's date: its EXIF date taken, else its file time (both as SQLite datetime text)."""
+    # SQLAlchemy stores DateTime in SQLite as 'YYYY-MM-DD HH:MM:SS.ffffff' text, so text order is time order.
+    return func.coalesce(ImageRow.taken_at, func.strftime("%Y-%m-%d %H:%M:%f000", ImageRow.mtime_ns / 1_000_000_000, "unixepoch"))
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _parse_sqlite_datetime(value) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace(" ", "T")[:26])
 
 
 def delete_embeddings(session: Session, model_id: str | None = None) -> None:

@@ -141,38 +141,73 @@ def _print_index_summary(report, settings: Settings) -> None:
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Search with an image file instead of text.")
 @click.option("--like", "like", metavar="PATH|ID", help="Find images like one already in the library (path or id).")
 @click.option("-k", "--top-k", "top_k", type=int, default=None, help="Number of results (default: the top_k setting).")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON (path, score, id).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON (path, score, id, date, size, format).")
+@click.option("--local", is_flag=True, help="Load the model here even when a `clipsearch serve` of this library is running.")
 @reports_errors
-@settings_options(*ENCODER_SETTINGS)
-def search(query: str | None, image_path: str | None, like: str | None, top_k: int | None, as_json: bool, settings: Settings) -> None:
-    """Find photos matching QUERY (natural language), an --image, or --like an indexed photo."""
+@settings_options(*ENCODER_SETTINGS, "access_token")
+def search(query: str | None, image_path: str | None, like: str | None, top_k: int | None, as_json: bool, local: bool,
+           settings: Settings) -> None:
+    """Find photos matching QUERY, an --image, or --like an indexed photo.
+
+    QUERY is plain language, optionally combined: `beach -people` leaves people out, `2:sunset + boat` weighs
+    sunset twice, `like:42 + snow` mixes an indexed photo (by id) with text; quote text to take it literally.
+    A running `clipsearch serve` of the same library answers text queries without loading the model here.
+    """
     from clipsearch.errors import QueryError
-    from clipsearch.library import Library
-    from clipsearch.search.searcher import Searcher
 
     given = [q for q in (query, image_path, like) if q is not None]
     if len(given) != 1:
         raise QueryError("give exactly one of QUERY, --image or --like",
                          'e.g. clipsearch search "a dog on the beach" or clipsearch search --image photo.jpg')
     k = top_k if top_k is not None else settings.top_k
-    library = Library(settings)
-    searcher = Searcher(library)
-    try:
-        if image_path is not None:
-            hits = searcher.search_image(image_path, k)
-        elif like is not None:
-            hits = searcher.search_like(int(like) if like.isdigit() else like, k)
-        else:
-            hits = searcher.search_text(query, k)
-    finally:
-        library.close()
+    hits = None
+    if not local and image_path is None and not ({"model", "pretrained", "device", "precision"} & settings.explicit):
+        hits = _search_via_server(settings, query if query is not None else None, like, k)
+    if hits is None:
+        hits = [hit.as_dict() for hit in _search_locally(settings, query, image_path, like, k)]
     if as_json:
-        click.echo(json.dumps([hit.as_dict() for hit in hits], indent=2))
+        click.echo(json.dumps(hits, indent=2))
         return
     if not hits:
         click.echo("no results", err=True)
     for hit in hits:
-        click.echo(f"{hit.score:.4f}  {hit.path}")
+        click.echo(f"{hit['score']:.4f}  {hit['path']}")
+
+
+def _search_locally(settings: Settings, query: str | None, image_path: str | None, like: str | None, k: int):
+    from clipsearch.library import Library
+    from clipsearch.search.searcher import Searcher
+
+    library = Library(settings)
+    searcher = Searcher(library)
+    try:
+        if image_path is not None:
+            return searcher.search_image(image_path, k)
+        if like is not None:
+            return searcher.search_like(int(like) if like.isdigit() else like, k)
+        return searcher.search_text(query, k)
+    finally:
+        library.close()
+
+
+def _search_via_server(settings: Settings, query: str | None, like: str | None, k: int) -> list[dict] | None:
+    """Hits from this library's running server (its model is warm), or None to search locally."""
+    from clipsearch import server_link
+    from clipsearch.errors import QueryError
+
+    if like is not None and not like.isdigit():
+        return None  # a path: resolved locally, where the CLI's working directory means something
+    if not query and like is None:
+        return None
+    text = query if query is not None else f"like:{like}"
+    answer = server_link.ask_server(settings.data_dir, "/api/search", {"q": text, "k": k}, settings.access_token)
+    if answer is None:
+        return None
+    if "error" in answer:
+        error = answer["error"]
+        raise QueryError(error.get("message", "the server refused the query"), error.get("hint"))
+    keep = ("id", "path", "score", "date", "width", "height", "format", "relevant")
+    return [{key: hit[key] for key in keep if key in hit} for hit in answer.get("results", [])]
 
 
 @main.command(short_help="Show the library, its model and failures.")
@@ -210,6 +245,39 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+@main.command(short_help="Run the web UI and JSON API.")
+@click.option("--debug", is_flag=True, help="Flask's development server with its debugger (loopback only; never for real use).")
+@click.option("--threads", type=click.IntRange(1, 64), default=8, show_default=True, help="Requests served at once.")
+@reports_errors
+@settings_options(*ENCODER_SETTINGS, "host", "port", "access_token", "insecure", "max_upload_mb", "top_k")
+def serve(debug: bool, threads: int, settings: Settings) -> None:
+    """Serve the library in the browser: search by text or image, filters, image pages, a JSON API.
+
+    Listens on 127.0.0.1:8000 by default. Any other --host needs --access-token (or --insecure on a trusted
+    network). The model stays loaded, and photos indexed meanwhile by another process show up without a restart.
+    """
+    import signal
+
+    from clipsearch.webui.server import serve as run_server
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def ready(url: str, info: dict) -> None:
+        if info["model"]:
+            click.echo(f"clipsearch: {info['images']} photos from {info['data_dir']} ({info['model']})", err=True)
+        else:
+            click.echo(f"clipsearch: the library {info['data_dir']} is empty: run clipsearch index DIR", err=True)
+        click.echo(f"serving on {url}  (Ctrl+C to stop)", err=True)
+
+    try:
+        run_server(settings, threads=threads, debug=debug, ready=ready)
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
 
 
 @main.command("config", short_help="Show every setting and where it came from.")

@@ -30,8 +30,8 @@ def default_config_file() -> Path:
     return Path(platformdirs.user_config_dir("clipsearch", appauthor=False)) / CONFIG_FILE_NAME
 
 
-def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, default_factory=None):
-    metadata = {"help": help, "choices": choices}
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, default_factory=None, secret: bool = False):
+    metadata = {"help": help, "choices": choices, "secret": secret}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -80,6 +80,18 @@ class Settings:
         "(~170 ms at 1M); ivf is approximate from 1,000 photos.",
         ("auto", "exact", "ivf"),
     )
+    host: str = _setting("127.0.0.1", "Address `clipsearch serve` listens on; any other than loopback needs access_token (or insecure).")
+    port: int = _setting(8000, "Port `clipsearch serve` listens on (0 picks a free one).")
+    access_token: str | None = _setting(
+        None,
+        "Password for the web UI and API (log-in page, or `Authorization: Bearer TOKEN`); required when serving "
+        "beyond this machine.",
+        secret=True,
+    )
+    insecure: bool = _setting(
+        False, "Serve on a non-loopback address without an access token: anyone who can reach it sees your photos."
+    )
+    max_upload_mb: int = _setting(25, "Largest image upload the web UI and API accept for search by image, in MB.")
     log_level: str = _setting("warning", "Logging verbosity.", ("debug", "info", "warning", "error"))
 
     # Names of the settings that were set explicitly (config file, env or flag), not defaulted.
@@ -159,7 +171,7 @@ def convert_value(name: str, value: Any, source: str, base_dir: Path | None = No
             if isinstance(value, bool):
                 raise ValueError("expected a whole number")
             number = int(str(value).replace("_", ""))
-            if number < 0 or (number == 0 and name not in ("workers",)):
+            if number < 0 or (number == 0 and name not in ("workers", "port")):
                 raise ValueError("expected a positive number")
             return number
         text = str(value).strip()
@@ -249,7 +261,8 @@ def describe_settings(settings: Settings | None = None) -> list[dict[str, Any]]:
             "choices": f.metadata.get("choices"),
         }
         if settings is not None:
-            row["value"] = getattr(settings, f.name)
+            value = getattr(settings, f.name)
+            row["value"] = "(set, hidden)" if f.metadata.get("secret") and value else value
             row["explicit"] = f.name in settings.explicit
         rows.append(row)
     return rows

@@ -256,16 +256,72 @@ class VectorStore:
         return not self.rebuilding
 
     # --- search ---------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [q, k'], ids [q, k']) by inner product, best first; k' = min(k, count); IVF may pad with id -1."""
+    def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k'], ids [q, k']) by inner product, best first; k' = min(k, count); may pad with id -1.
+
+        allowed_ids restricts the search to those catalog ids (filters), inside FAISS rather than after it.
+        """
+        queries = self._check_queries(queries)
+        with self._lock:
+            k = min(k, self.count if allowed_ids is None else len(allowed_ids))
+            if k <= 0:
+                return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            params = self._search_params(allowed_ids)
+            if params is None:
+                return self.index.search(queries, k)
+            return self.index.search(queries, k, params=params)
+
+    def range_search(self, query: np.ndarray, min_score: float, allowed_ids: np.ndarray | None = None,
+                     limit: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of every vector scoring above min_score for one query, best first, at most `limit`."""
+        query = self._check_queries(query)[:1]
+        with self._lock:
+            if self.count == 0 or (allowed_ids is not None and len(allowed_ids) == 0):
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            params = self._search_params(allowed_ids)
+            if params is None:
+                lims, scores, ids = self.index.range_search(query, float(min_score))
+            else:
+                lims, scores, ids = self.index.range_search(query, float(min_score), params=params)
+        scores, ids = scores[lims[0] : lims[1]], ids[lims[0] : lims[1]]
+        order = np.argsort(-scores, kind="stable")[:limit]
+        return scores[order], ids[order]
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query has {queries.shape[1]} dimensions, the store holds {self.dim}")
+        return queries
+
+    def _search_params(self, allowed_ids: np.ndarray | None):
+        """FAISS search parameters restricting results to allowed_ids (None: no restriction)."""
+        if allowed_ids is None:
+            return None
+        faiss = _faiss()
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+        if self.kind != "ivf":
+            return faiss.SearchParameters(sel=selector)
+        # A narrow filter leaves few candidates in the probed lists: probe more lists, in proportion, so a
+        # filtered search finds as many of its matches as an unfiltered one does.
+        widen = max(1.0, self.count / max(1, len(allowed_ids)))
+        nprobe = int(min(self.index.nlist, np.ceil(self.params.get("nprobe", 16) * widen)))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+
+    def sample_ids(self, n: int, seed: int = 0) -> np.ndarray:
+        """Up to n ids held by the store, drawn at random (reproducibly)."""
+        faiss = _faiss()
         with self._lock:
-            k = min(k, self.count)
-            if k <= 0:
-                return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-            return self.index.search(queries, k)
+            if self.kind == "ivf":
+                invlists = self.index.invlists
+                ids = np.concatenate([
+                    faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+                    for lst in range(self.index.nlist) if invlists.list_size(lst)
+                ] or [np.zeros(0, np.int64)])
+            else:
+                ids = faiss.vector_to_array(self.index.id_map)
+        if len(ids) <= n:
+            return ids
+        return np.random.default_rng(seed).choice(ids, n, replace=False)
 
     def reconstruct(self, image_id: int) -> np.ndarray:
         """The stored vector of one id (decoded from 8 bits, so approximate, for IVF); KeyError if absent."""

@@ -5,30 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from clipsearch.catalog import file_time
 from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
 from clipsearch.errors import EmptyLibraryError, ImageDecodeError, ModelMismatchError, QueryError
 from clipsearch.library import Library
+from clipsearch.search.query import ParsedQuery, QueryTerm, combine_vectors, parse_query
+from clipsearch.search.relevance import SAMPLE_SIZE, Cutoff, relevance_cutoff
+from clipsearch.search.request import MAX_RELEVANT, SearchFilters, SearchHit, SearchRequest, SearchResult
+
+__all__ = ["Searcher", "SearchFilters", "SearchHit", "SearchRequest", "SearchResult"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One ranked result."""
-
-    id: int
-    path: str
-    score: float
-
-    def as_dict(self) -> dict:
-        """JSON-ready form."""
-        return {"id": self.id, "path": self.path, "score": round(float(self.score), 6)}
 
 
 class Searcher:
@@ -40,6 +33,7 @@ class Searcher:
         self._owns_encoder = encoder is None
         self._store = None
         self._lock = threading.Lock()
+        self._sample: tuple | None = None  # (store, count, vectors) for relevance cutoffs
 
     @property
     def encoder(self) -> Encoder:
@@ -51,6 +45,15 @@ class Searcher:
                 EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir)
             )
         return self._encoder
+
+    @property
+    def loaded_encoder(self) -> Encoder | None:
+        """The encoder if it is loaded already (does not load it)."""
+        return self._encoder
+
+    def warm_up(self) -> None:
+        """Load the encoder and run it once, so the first query is as fast as the rest."""
+        self.encoder.warm_up()
 
     def store(self):
         """The vector store, reloaded when another process changed the catalog."""
@@ -91,35 +94,37 @@ class Searcher:
 
     # --- queries --------------------------------------------------------------------------------
     def search_text(self, query: str, k: int) -> list[SearchHit]:
-        """Images best matching a natural-language query."""
+        """Images best matching a query in the search-box language (e.g. `beach -people`, `2:sunset + boat`)."""
         if not query or not query.strip():
             raise QueryError("the query is empty", 'type what to look for, e.g. clipsearch search "a dog on the beach"')
-        store = self.store()
-        vector = self.encoder.encode_texts([query.strip()])[0]
-        return self.search_vector(vector, k, store=store)
+        return self.run(SearchRequest(parse_query(query), k=self._check_k(k))).hits
 
     def search_image(self, source: str | os.PathLike | bytes, k: int) -> list[SearchHit]:
         """Images most similar to an image file (or its bytes) that need not be in the library."""
-        from clipsearch.images import open_image
-
-        store = self.store()
-        try:
-            image, _ = open_image(source, max_pixels=self.library.settings.max_image_pixels, target_size=self.encoder.image_size)
-        except ImageDecodeError as e:
-            name = source if not isinstance(source, bytes) else "the uploaded image"
-            raise QueryError(f"cannot use {name} as a query: {e.reason}", "pass a readable JPEG, PNG, WebP, HEIC... file") from e
-        vector = self.encoder.encode_images([self.encoder.preprocess(image)])[0]
-        return self.search_vector(vector, k, store=store)
+        return self.run(SearchRequest(vectors=(self.embed_image(source),), k=self._check_k(k))).hits
 
     def search_like(self, image: int | str | os.PathLike, k: int) -> list[SearchHit]:
         """Images most similar to one already in the library (by id or path), excluding itself."""
-        store = self.store()
         image_id = self.resolve_image_id(image)
-        # The catalog keeps exact vectors; an approximate index may only hold compressed ones.
-        vector = self.library.catalog.vector_of(image_id, store.model_id)
-        if vector is None:
-            raise QueryError(f"image {image} has no vector (it failed to index)", "run clipsearch status to see why")
-        return self.search_vector(vector, k, exclude={image_id}, store=store)
+        return self.run(SearchRequest(ParsedQuery((QueryTerm("image", image_id, 1.0),)), k=self._check_k(k))).hits
+
+    @staticmethod
+    def _check_k(k: int) -> int:
+        if k <= 0:
+            raise QueryError(f"k must be positive, got {k}", "pass -k 10 for ten results")
+        return k
+
+    def embed_image(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """The embedding of an image file or its bytes (an upload), QueryError when it is not a readable image."""
+        from clipsearch.images import open_image
+
+        self.store()  # fail on an empty library before paying for the decode
+        try:
+            image, _ = open_image(source, max_pixels=self.library.settings.max_image_pixels, target_size=self.encoder.image_size)
+        except ImageDecodeError as e:
+            name = source if not isinstance(source, bytes) else "the uploaded file"
+            raise QueryError(f"cannot use {name} as a query: {e.reason}", e.hint or "use a JPEG, PNG, WebP, HEIC... image") from e
+        return self.encoder.encode_images([self.encoder.preprocess(image)])[0]
 
     def resolve_image_id(self, image: int | str | os.PathLike) -> int:
         """Catalog id of an indexed image given its id or path."""
@@ -138,15 +143,98 @@ class Searcher:
 
     def search_vector(self, vector: np.ndarray, k: int, exclude: Sequence[int] | set[int] = (), store=None) -> list[SearchHit]:
         """Nearest images to an embedding (normalised here), as hits with paths."""
-        if k <= 0:
-            raise QueryError(f"k must be positive, got {k}", "pass -k 10 for ten results")
-        store = store or self.store()
-        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        norm = float(np.linalg.norm(vector))
-        if norm == 0 or not np.isfinite(norm):
-            raise QueryError("the query has no direction (zero vector)", "use different query terms")
-        scores, ids = store.search(vector / norm, k + len(exclude))
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude][:k]
+        self._check_k(k)
+        return self.run(SearchRequest(vectors=(np.asarray(vector, dtype=np.float32),), k=k, exclude=frozenset(exclude))).hits
+
+    def query_vector(self, request: SearchRequest, store) -> tuple[np.ndarray, set[int]]:
+        """(unit query vector, ids to leave out) for a request: its terms embedded and combined by weight."""
+        vectors: list[np.ndarray] = []
+        weights: list[float] = []
+        exclude = set(request.exclude)
+        terms = request.query.terms if request.query else ()
+        texts = [term for term in terms if term.kind == "text"]
+        if texts:
+            encoded = self.encoder.encode_texts([term.value for term in texts])
+            vectors.extend(encoded)
+            weights.extend(term.weight for term in texts)
+        for term in terms:
+            if term.kind != "image":
+                continue
+            vector = self.library.catalog.vector_of(int(term.value), store.model_id)
+            if vector is None:
+                raise QueryError(f"image #{term.value} is not in the library (or failed to index)",
+                                 "use like:ID with an id from the results")
+            vectors.append(vector)
+            weights.append(term.weight)
+            exclude.add(int(term.value))  # "more like this" should not return the photo itself
+        for vector in request.vectors:
+            vectors.append(np.asarray(vector, dtype=np.float32).ravel())
+            weights.append(1.0)
+        if not vectors:
+            raise QueryError("nothing to search for", "type a query or give an image")
+        if any(v.shape[-1] != store.dim for v in vectors):
+            raise QueryError(f"a query vector does not have the library's {store.dim} dimensions", "search with the library's model")
+        return combine_vectors(np.stack(vectors), weights), exclude
+
+    def cutoff(self, vector: np.ndarray, store, strictness: float) -> Cutoff:
+        """The adaptive relevance cutoff of a query vector (see clipsearch.search.relevance)."""
+        return relevance_cutoff(self._score_sample(store) @ vector, strictness)
+
+    def _score_sample(self, store) -> np.ndarray:
+        """Vectors of a random sample of the library, refreshed when the store changes by more than a tenth."""
+        cached = self._sample
+        if cached is not None and cached[0] is store and abs(cached[1] - store.count) <= 0.1 * cached[1]:
+            return cached[2]
+        ids = store.sample_ids(SAMPLE_SIZE)
+        _, vectors = self.library.catalog.vectors(store.model_id, ids.tolist())
+        if not len(vectors):
+            vectors = np.zeros((0, store.dim), np.float32)
+        self._sample = (store, store.count, vectors)
+        return vectors
+
+    def run(self, request: SearchRequest) -> SearchResult:
+        """Answer one search request: embed, filter, rank (by relevance or date above the cutoff), page."""
+        request.check()
+        started = time.perf_counter()
+        store = self.store()
+        vector, exclude = self.query_vector(request, store)
+        embedded = time.perf_counter()
+        catalog = self.library.catalog
+        filters = request.filters
+        allowed = None
+        if filters.active:
+            start, end = filters.sql_range()
+            allowed = catalog.filter_ids(filters.folder, start, end, filters.formats)
+        cutoff = self.cutoff(vector, store, request.strictness)
+        if request.sort == "relevance":
+            wanted = request.offset + request.k + len(exclude)
+            scores, ids = store.search(vector, wanted, allowed_ids=allowed)
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
+            candidates = store.count if allowed is None else len(allowed)
+            total, relevant = max(0, candidates - len(exclude)), None
+        else:
+            scores, ids = store.range_search(vector, cutoff.threshold, allowed_ids=allowed, limit=MAX_RELEVANT + len(exclude))
+            pairs = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) not in exclude][:MAX_RELEVANT]
+            dates = catalog.dates_of([i for i, _ in pairs])
+            undated = file_time(0)
+            # Same-date photos (bursts, undated files) stay in score order either way.
+            pairs.sort(key=lambda pair: -pair[1])
+            pairs.sort(key=lambda pair: dates.get(pair[0], undated), reverse=request.sort == "newest")
+            total = relevant = len(pairs)
+        searched = time.perf_counter()
+        page = pairs[request.offset : request.offset + request.k]
+        hits = self._hits(page, cutoff.threshold)
+        finished = time.perf_counter()
+        timings = {"embed": embedded - started, "search": searched - embedded, "fetch": finished - searched, "total": finished - started}
+        return SearchResult(hits, request, cutoff, total, relevant, timings)
+
+    def _hits(self, pairs: list[tuple[int, float]], threshold: float) -> list[SearchHit]:
         rows = self.library.catalog.images_by_id([i for i, _ in pairs])
-        # A row deleted since the store was loaded is skipped rather than shown as a dead link.
-        return [SearchHit(i, rows[i].path, s) for i, s in pairs if i in rows]
+        hits = []
+        for image_id, score in pairs:
+            row = rows.get(image_id)
+            if row is None:  # deleted since the store was loaded: skipped rather than shown as a dead link
+                continue
+            date = row.taken_at or file_time(row.mtime_ns)
+            hits.append(SearchHit(image_id, row.path, score, date, row.width, row.height, row.format, score >= threshold))
+        return hits

@@ -83,7 +83,7 @@ def test_every_setting_is_documented_in_the_readme():
     table_rows = [line for line in text.splitlines() if line.startswith("|")]
     for row in describe_settings():
         name = row["name"]
-        matching = [line for line in table_rows if re.search(rf"`{name}`", line)]
+        matching = [line for line in table_rows if line.startswith(f"| `{name}` |")]
         assert matching, f"setting {name} is missing from the README settings table"
         assert env_var(name) in matching[0] and cli_flag(name) in matching[0], f"README row for {name} lacks its env var or flag"
     assert len(SETTING_NAMES) == len(describe_settings())

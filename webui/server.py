@@ -1,0 +1,84 @@
+"""Running the app: waitress (production WSGI server) by default, Flask's development server only for --debug."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from clipsearch import server_link
+from clipsearch.config import Settings
+from clipsearch.encoders import Encoder
+from clipsearch.errors import ConfigError
+from clipsearch.webui.app import create_app
+from clipsearch.webui.security import check_exposure, is_loopback
+from clipsearch.webui.services import EXTENSION_KEY
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 8
+
+
+def display_url(host: str, port: int) -> str:
+    """The URL to open for a listening address (wildcard addresses shown as this machine)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/"
+
+
+def serve(settings: Settings, encoder: Encoder | None = None, *, threads: int = DEFAULT_THREADS, debug: bool = False,
+          ready: Callable[[str, dict], None] | None = None) -> None:
+    """Serve the library until interrupted; `ready(url, info)` is called once the model is warm and the port is open."""
+    check_exposure(settings)
+    if debug and not is_loopback(settings.host):
+        raise ConfigError("--debug serves Flask's debugger, which runs any code a visitor sends",
+                          "use --debug only with the default --host 127.0.0.1")
+    app = create_app(settings, encoder)
+    services = app.extensions[EXTENSION_KEY]
+    info = {"data_dir": str(settings.data_dir), "model": None, "images": 0}
+    if services.library.exists:
+        # Load and run the model now, so the first query is as fast as the rest.
+        services.searcher.warm_up()
+        model = services.library.catalog.library_model()
+        info["model"] = model["model_id"] if model else None
+        info["images"] = services.library.catalog.counts()["embeddings"]
+        try:
+            services.searcher.store()  # build or catch up the vector index before the first query
+        except Exception as e:  # an empty library is fine: the page explains how to index
+            log.debug("vector index not ready at start-up: %s", e)
+    if debug:
+        url = display_url(settings.host, settings.port)
+        if ready:
+            ready(url, info)
+        app.run(host=settings.host, port=settings.port, debug=True, use_reloader=False, threaded=True)
+        return
+    server = _create_server(app, settings, threads)
+    if hasattr(server, "effective_host"):
+        url = display_url(server.effective_host, server.effective_port)
+    else:  # several sockets (e.g. "localhost" on IPv4 and IPv6): show the first
+        url = display_url(*server.effective_listen[0][:2])
+    server_link.announce(settings.data_dir, url, token_required=bool(settings.access_token))
+    try:
+        if ready:
+            ready(url, info)
+        server.run()
+    finally:
+        server_link.withdraw(settings.data_dir)
+        server.close()
+        services.close()
+
+
+def _create_server(app, settings: Settings, threads: int):
+    from waitress import create_server
+
+    try:
+        return create_server(
+            app, host=settings.host, port=settings.port, threads=threads, ident="clipsearch",
+            max_request_body_size=(settings.max_upload_mb + 1) * 1024 * 1024,
+            clear_untrusted_proxy_headers=True,
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}",
+            "another program (maybe another clipsearch serve) uses that port: pass --port 8001, or --port 0 for any free one",
+        ) from e

@@ -1,0 +1,104 @@
+"""Per-app services of the web UI: the library, its searcher, image renditions and recent uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import current_app
+
+from clipsearch.config import Settings
+from clipsearch.encoders import Encoder
+from clipsearch.library import Library
+from clipsearch.search.searcher import Searcher
+from clipsearch.webui.thumbnails import RenditionCache
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "clipsearch"
+UPLOADS_KEPT = 64  # query vectors of recent uploads, so their result pages can be paged and reloaded
+
+
+class UploadedQueries:
+    """Embeddings of recently uploaded query images, by a key derived from their bytes (the images are not kept)."""
+
+    def __init__(self, capacity: int = UPLOADS_KEPT):
+        self.capacity = capacity
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key_of(data: bytes) -> str:
+        """The key an upload is known by (a hash of its bytes: the same image gets the same key)."""
+        return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        """Remember an upload's vector, forgetting the oldest beyond capacity."""
+        with self._lock:
+            self._vectors[key] = vector
+            self._vectors.move_to_end(key)
+            while len(self._vectors) > self.capacity:
+                self._vectors.popitem(last=False)
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The vector of an upload, or None when it was never seen or has been forgotten."""
+        with self._lock:
+            vector = self._vectors.get(key)
+            if vector is not None:
+                self._vectors.move_to_end(key)
+            return vector
+
+
+@dataclass
+class Services:
+    """Everything one app instance shares between requests."""
+
+    settings: Settings
+    library: Library
+    searcher: Searcher
+    renditions: RenditionCache
+    uploads: UploadedQueries
+
+    def __post_init__(self) -> None:
+        self._filter_cache: tuple[int, dict[str, Any]] | None = None
+        self._filter_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, settings: Settings, encoder: Encoder | None = None) -> "Services":
+        """Services for the settings' library (the encoder loads on first use unless one is given)."""
+        library = Library(settings)
+        renditions = RenditionCache(settings.data_dir / "renditions", settings.max_image_pixels)
+        return cls(settings, library, Searcher(library, encoder), renditions, UploadedQueries())
+
+    def filter_options(self) -> dict[str, Any]:
+        """Folders, formats and date range the filters offer, recomputed only when the catalog changed."""
+        if not self.library.exists:
+            return {"folders": [], "formats": {}, "date_range": None}
+        catalog = self.library.catalog
+        generation = catalog.generation()
+        with self._filter_lock:
+            cached = self._filter_cache
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            dates = catalog.date_range()
+            options = {
+                "folders": catalog.folders(depth=1),
+                "formats": catalog.formats(),
+                "date_range": (dates[0].date().isoformat(), dates[1].date().isoformat()) if dates else None,
+            }
+            self._filter_cache = (generation, options)
+            return options
+
+    def close(self) -> None:
+        """Release the catalog connections."""
+        self.library.close()
+
+
+def services() -> Services:
+    """The current app's services."""
+    return current_app.extensions[EXTENSION_KEY]
