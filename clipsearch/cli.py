@@ -161,8 +161,8 @@ def search(query: str | None, image_path: str | None, like: str | None, top_k: i
                          'e.g. clipsearch search "a dog on the beach" or clipsearch search --image photo.jpg')
     k = top_k if top_k is not None else settings.top_k
     hits = None
-    if not local and image_path is None and not ({"model", "pretrained", "device", "precision"} & settings.explicit):
-        hits = _search_via_server(settings, query if query is not None else None, like, k)
+    if not local and image_path is None:
+        hits = _search_via_server(settings, query, like, k)
     if hits is None:
         hits = [hit.as_dict() for hit in _search_locally(settings, query, image_path, like, k)]
     if as_json:
@@ -199,6 +199,15 @@ def _search_via_server(settings: Settings, query: str | None, like: str | None, 
         return None  # a path: resolved locally, where the CLI's working directory means something
     if not query and like is None:
         return None
+    if server_link.running_server(settings.data_dir) is None:
+        return None
+    from clipsearch.library import Library
+
+    library = Library(settings)
+    try:
+        library.resolve_model()  # the server uses the library's model: another one asked for explicitly is an error
+    finally:
+        library.close()
     text = query if query is not None else f"like:{like}"
     answer = server_link.ask_server(settings.data_dir, "/api/search", {"q": text, "k": k}, settings.access_token)
     if answer is None:

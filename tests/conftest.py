@@ -56,3 +56,44 @@ def settings(tmp_path, fake_encoder):
 def isolated_cache(tmp_path_factory, monkeypatch):
     """A per-test user cache dir, so built-model caching is exercised from scratch."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def photo_library(tmp_path, settings, fake_encoder):
+    """An indexed library of colour photos in two folders, with file dates a day apart (oldest first in the list)."""
+    import os
+
+    from clipsearch.indexer.run import index_folders
+    from tests.fakes import make_image
+
+    photos = tmp_path / "photos"
+    layout = [
+        ("home/red1.png", "red"), ("home/red2.jpg", "red"), ("home/blue1.png", "blue"), ("home/green1.jpg", "green"),
+        ("trip/red3.jpg", "red"), ("trip/blue2.jpg", "blue"), ("trip/yellow1.png", "yellow"), ("trip/grey1.png", "grey"),
+        ("trip/white1.png", "white"), ("trip/black1.png", "black"), ("trip/purple1.png", "purple"), ("trip/cyan1.jpg", "cyan"),
+    ]
+    paths = {}
+    day = 86_400
+    for n, (name, colour) in enumerate(layout):
+        path = make_image(photos / name, colour, noise=n + 1)
+        stamp = 1_600_000_000 + n * day
+        os.utime(path, (stamp, stamp))
+        paths[name] = path
+    index_folders(settings, [photos], encoder=fake_encoder)
+    return paths
+
+
+@pytest.fixture
+def app(settings, fake_encoder):
+    """The web app over the test library (index it first with photo_library, or leave it empty)."""
+    from clipsearch.webui.app import create_app
+
+    app = create_app(settings, fake_encoder, {"TESTING": True})
+    yield app
+    app.extensions["clipsearch"].close()
+
+
+@pytest.fixture
+def client(app):
+    """A Flask test client of the app."""
+    return app.test_client()

@@ -49,10 +49,7 @@ def similar(image_id: int):
 @blueprint.get("/images/<int:image_id>")
 def image(image_id: int):
     """One image: the picture, its facts and camera basics, its nearest neighbours."""
-    try:
-        details = image_details(services(), image_id)
-    except QueryError as e:
-        return render_template("error.html", status=404, message=e.message, hint=e.hint), 404
+    details = image_details(services(), image_id)
     return render_template("image.html", image=details)
 
 

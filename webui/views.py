@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flask import request, url_for
+from flask import abort, request, url_for
 
 from clipsearch.catalog import STATUS_OK, ImageRow, file_time
 from clipsearch.errors import QueryError
@@ -32,9 +32,17 @@ def run_search(services: Services, default_k: int) -> tuple[SearchForm, SearchRe
 
 
 def similar_request(services: Services, image_id: int, k: int, offset: int = 0) -> SearchRequest:
-    """A "more like this" request for an indexed image (QueryError when the id is unknown)."""
-    services.searcher.resolve_image_id(image_id)
+    """A "more like this" request for an indexed image (404 when the id is unknown)."""
+    require_image(services, image_id)
     return SearchRequest(ParsedQuery((QueryTerm("image", image_id, 1.0),)), k=k, offset=offset).check()
+
+
+def require_image(services: Services, image_id: int) -> ImageRow:
+    """The catalog row of an image id, or a 404 answer."""
+    row = services.library.catalog.images_by_id([image_id]).get(image_id) if services.library.exists else None
+    if row is None:
+        abort(404, description=f"no image with id {image_id} in the library")
+    return row
 
 
 def hit_urls(image_id: int) -> dict[str, str]:
@@ -65,13 +73,10 @@ def result_json(result: SearchResult, form: SearchForm | None = None) -> dict[st
 
 
 def image_details(services: Services, image_id: int, with_neighbours: bool = True) -> dict[str, Any]:
-    """Everything the image page shows about one catalog image (QueryError when the id is unknown)."""
+    """Everything the image page shows about one catalog image (404 when the id is unknown)."""
     from clipsearch.camera import camera_info
 
-    rows = services.library.catalog.images_by_id([image_id])
-    row: ImageRow | None = rows.get(image_id)
-    if row is None:
-        raise QueryError(f"no image with id {image_id} in the library", "pick an image from the search results")
+    row = require_image(services, image_id)
     exists = os.path.isfile(row.path)
     details: dict[str, Any] = {
         "id": row.id,
