@@ -30,8 +30,8 @@ class Cutoff:
     strictness: float
 
     def as_dict(self) -> dict:
-        """JSON-ready form."""
-        return {key: round(float(value), 6) for key, value in self.__dict__.items()}
+        """JSON-ready form (a cutoff that lets everything through has threshold null)."""
+        return {key: round(float(value), 6) + 0.0 if np.isfinite(value) else None for key, value in self.__dict__.items()}
 
 
 def relevance_cutoff(sample_scores: np.ndarray, strictness: float = DEFAULT_STRICTNESS) -> Cutoff:

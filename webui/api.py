@@ -23,7 +23,7 @@ def search():
     return jsonify(result_json(result, form))
 
 
-@blueprint.get("/similar/<int:image_id>")
+@blueprint.get("/similar/<id:image_id>")
 def similar(image_id: int):
     """Images most like one in the library."""
     svc = services()
@@ -33,7 +33,7 @@ def similar(image_id: int):
     return jsonify(result_json(result))
 
 
-@blueprint.get("/images/<int:image_id>")
+@blueprint.get("/images/<id:image_id>")
 def image(image_id: int):
     """One image's facts, camera basics and nearest neighbours."""
     return jsonify(image_details(services(), image_id))

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from clipsearch import __version__
 from clipsearch.config import Settings
@@ -36,9 +37,17 @@ ERROR_STATUS: tuple[tuple[type[ClipsearchError], int], ...] = (
 )
 
 
+class CatalogIdConverter(IntegerConverter):
+    """`<id:name>` in routes: a catalog id, within SQLite's integer range (larger numbers are a plain 404)."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        super().__init__(url_map, min=0, max=2**63 - 1)
+
+
 def create_app(settings: Settings, encoder: Encoder | None = None, config: Mapping[str, Any] | None = None) -> Flask:
     """A web app over the settings' library; `encoder` replaces the library's model (tests), `config` Flask's config."""
     app = Flask(__name__)
+    app.url_map.converters["id"] = CatalogIdConverter
     app.config.update(
         SECRET_KEY=None,
         ACCESS_TOKEN=settings.access_token,
@@ -97,8 +106,12 @@ def _install_error_handlers(app: Flask) -> None:
     def http_error(e: HTTPException):
         status = e.code or 500
         if status == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"] // (1024 * 1024)
-            return error_response(413, f"the upload is larger than {limit} MB", "use a smaller image (or raise max_upload_mb)")
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            if request.content_length is not None and request.content_length > limit:
+                return error_response(413, f"the upload is larger than {limit // (1024 * 1024)} MB",
+                                      "use a smaller image (or raise max_upload_mb)")
+            return error_response(413, "the form has too many fields or a field that is too long",
+                                  "send only the image and the search parameters")
         return error_response(status, e.description or e.name, None)
 
     @app.errorhandler(Exception)

@@ -52,14 +52,14 @@ def _rendition(image_id: int, make) -> object:
     return _send(path, "image/jpeg", etag, RENDITION_MAX_AGE)
 
 
-@blueprint.get("/thumbs/<int:image_id>")
+@blueprint.get("/thumbs/<id:image_id>")
 def thumbnail(image_id: int):
     """A small JPEG of the image for result grids (generated once, cached on disk)."""
     cache = services().renditions
     return _rendition(image_id, lambda row: cache.thumbnail(row.path, row.content_hash, row.mtime_ns))
 
 
-@blueprint.get("/media/<int:image_id>")
+@blueprint.get("/media/<id:image_id>")
 def view(image_id: int):
     """The image as a browser can show it: the original file, or a JPEG rendition for HEIC, TIFF..."""
     cache = services().renditions
@@ -69,7 +69,7 @@ def view(image_id: int):
     return _send(row.path, MIME_TYPES.get(row.format or "", "application/octet-stream"), row.content_hash, ORIGINAL_MAX_AGE)
 
 
-@blueprint.get("/media/<int:image_id>/original")
+@blueprint.get("/media/<id:image_id>/original")
 def original(image_id: int):
     """The original file, unchanged (as a download with ?download=1)."""
     row = _row(image_id)

@@ -40,13 +40,13 @@ def _echo_form() -> SearchForm:
     return SearchForm((request.values.get("q") or "")[:2000], None, SearchFilters(), "relevance", 3.0, None)
 
 
-@blueprint.get("/similar/<int:image_id>")
+@blueprint.get("/similar/<id:image_id>")
 def similar(image_id: int):
     """More like this: the search page for `like:ID` (refine it with text, e.g. `like:ID + snow`)."""
     return redirect(url_for("pages.search", q=f"like:{image_id}"))
 
 
-@blueprint.get("/images/<int:image_id>")
+@blueprint.get("/images/<id:image_id>")
 def image(image_id: int):
     """One image: the picture, its facts and camera basics, its nearest neighbours."""
     details = image_details(services(), image_id)
