@@ -201,13 +201,14 @@ def _search_via_server(settings: Settings, query: str | None, like: str | None, 
         return None
     if server_link.running_server(settings.data_dir) is None:
         return None
-    from clipsearch.library import Library
+    if {"model", "pretrained"} & settings.explicit:
+        from clipsearch.library import Library
 
-    library = Library(settings)
-    try:
-        library.resolve_model()  # the server uses the library's model: another one asked for explicitly is an error
-    finally:
-        library.close()
+        library = Library(settings)
+        try:
+            library.resolve_model()  # the server uses the library's model: another one asked for explicitly is an error
+        finally:
+            library.close()
     text = query if query is not None else f"like:{like}"
     answer = server_link.ask_server(settings.data_dir, "/api/search", {"q": text, "k": k}, settings.access_token)
     if answer is None:

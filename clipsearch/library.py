@@ -48,11 +48,14 @@ class Library:
             self._catalog.close()
             self._catalog = None
 
-    def open_store(self):
-        """The vector store caught up with the catalog, or None when nothing is indexed yet."""
+    def open_store(self, background: bool = False):
+        """The vector store caught up with the catalog, or None when nothing is indexed yet.
+
+        background=True builds approximate indexes in a thread while searches use the current one (servers).
+        """
         from clipsearch.store import VectorStore
 
-        return VectorStore.open(self.vector_store_path, self.catalog, kind=self.settings.vector_index)
+        return VectorStore.open(self.vector_store_path, self.catalog, kind=self.settings.vector_index, background=background)
 
     @contextmanager
     def writer_lock(self) -> Iterator[None]:

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class Searcher:
     """Answers queries over one library; keeps the encoder loaded and the vector store current."""
 
-    def __init__(self, library: Library, encoder: Encoder | None = None):
+    def __init__(self, library: Library, encoder: Encoder | None = None, background_rebuild: bool = False):
         self.library = library
+        self.background_rebuild = background_rebuild  # long-running servers keep answering during index rebuilds
         self._encoder = encoder
         self._owns_encoder = encoder is None
         self._store = None
@@ -62,12 +63,12 @@ class Searcher:
                 raise self._empty()
             catalog = self.library.catalog
             if self._store is None or self._store.generation < catalog.log_floor():
-                self._store = self.library.open_store()
+                self._store = self.library.open_store(self.background_rebuild)
             elif self._store.generation != catalog.generation():
                 # Another process indexed: catch up from the change log instead of re-reading the whole file.
                 library_model = catalog.library_model()
                 if library_model is None or library_model["model_id"] != self._store.model_id:
-                    self._store = self.library.open_store()
+                    self._store = self.library.open_store(self.background_rebuild)
                 else:
                     self._store.sync(catalog)
             if self._store is None or self._store.count == 0:
