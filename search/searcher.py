@@ -34,18 +34,23 @@ class Searcher:
         self._owns_encoder = encoder is None
         self._store = None
         self._lock = threading.Lock()
+        self._encoder_lock = threading.Lock()
         self._sample: tuple | None = None  # (store, count, vectors) for relevance cutoffs
 
     @property
     def encoder(self) -> Encoder:
         """The library's model, loaded on first use."""
-        if self._encoder is None:
-            settings = self.library.settings
-            model, pretrained = self.library.resolve_model()
-            self._encoder = load_encoder(
-                EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir)
-            )
-        return self._encoder
+        encoder = self._encoder
+        if encoder is not None:
+            return encoder
+        with self._encoder_lock:  # concurrent first requests of a server load the model once
+            if self._encoder is None:
+                settings = self.library.settings
+                model, pretrained = self.library.resolve_model()
+                self._encoder = load_encoder(
+                    EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir)
+                )
+            return self._encoder
 
     @property
     def loaded_encoder(self) -> Encoder | None:
