@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,8 @@ from clipsearch.library import Library
 from clipsearch.search.query import ParsedQuery, QueryTerm, combine_vectors, parse_query
 from clipsearch.search.relevance import SAMPLE_SIZE, Cutoff, relevance_cutoff
 from clipsearch.search.request import MAX_RELEVANT, SearchFilters, SearchHit, SearchRequest, SearchResult
+
+FILTER_CACHE_SIZE = 16  # filter results kept (a paged or refined search reuses its filter's ids)
 
 __all__ = ["Searcher", "SearchFilters", "SearchHit", "SearchRequest", "SearchResult"]
 
@@ -35,6 +38,7 @@ class Searcher:
         self._store = None
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()
+        self._filter_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._sample: tuple | None = None  # (store, count, vectors) for relevance cutoffs
 
     @property
@@ -207,10 +211,7 @@ class Searcher:
         embedded = time.perf_counter()
         catalog = self.library.catalog
         filters = request.filters
-        allowed = None
-        if filters.active:
-            start, end = filters.sql_range()
-            allowed = catalog.filter_ids(filters.folder, start, end, filters.formats)
+        allowed = self._allowed_ids(filters) if filters.active else None
         cutoff = self.cutoff(vector, store, request.strictness)
         if request.sort == "relevance":
             wanted = request.offset + request.k + len(exclude)
@@ -233,6 +234,23 @@ class Searcher:
         finished = time.perf_counter()
         timings = {"embed": embedded - started, "search": searched - embedded, "fetch": finished - searched, "total": finished - started}
         return SearchResult(hits, request, cutoff, total, relevant, timings)
+
+    def _allowed_ids(self, filters: SearchFilters) -> np.ndarray:
+        """Ids the filters let through, cached per catalog generation (paging and new queries reuse them)."""
+        catalog = self.library.catalog
+        key = (filters, catalog.generation())
+        with self._lock:
+            cached = self._filter_cache.get(key)
+            if cached is not None:
+                self._filter_cache.move_to_end(key)
+                return cached
+        start, end = filters.sql_range()
+        allowed = catalog.filter_ids(filters.folder, start, end, filters.formats)
+        with self._lock:
+            self._filter_cache[key] = allowed
+            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return allowed
 
     def _hits(self, pairs: list[tuple[int, float]], threshold: float) -> list[SearchHit]:
         rows = self.library.catalog.images_by_id([i for i, _ in pairs])

@@ -177,3 +177,16 @@ def test_relevance_cutoff_reference():
     assert (scores > cutoff.threshold).sum() < 40
     assert relevance_cutoff(np.full(10, 0.5)).threshold > 0.5  # no spread: only scores above the pack count
     assert relevance_cutoff(np.array([])).threshold == float("-inf")
+
+
+def test_filter_results_follow_new_photos(searcher, settings, photo_library, tmp_path):
+    from clipsearch.indexer.run import index_folders
+    from tests.fakes import ColorWordEncoder, make_image
+
+    filters = SearchFilters.parse(formats="png")
+    before = searcher.run(SearchRequest(parse_query("orange"), k=20, filters=filters))
+    assert "orange1.png" not in names(before.hits)
+    make_image(tmp_path / "photos" / "home" / "orange1.png", "orange")
+    index_folders(settings, [tmp_path / "photos"], encoder=ColorWordEncoder())
+    after = searcher.run(SearchRequest(parse_query("orange"), k=20, filters=filters))
+    assert names(after.hits)[0] == "orange1.png" and after.total == before.total + 1
