@@ -12,6 +12,8 @@ the store's two index kinds exactly as the store does (clipsearch.store.build_in
 and the process peak RSS. threshold recommends where auto should switch to IVF: the largest library whose exact
 p50 stays within --exact-budget-ms, interpolated between the sizes measured (include sizes around it).
 Machines are shared and noisy: load_average is reported before and after; compare figures from the same run.
+This times the index alone; bench/api_latency.py times whole searches (GET /api/search under waitress, text
+encoding, filters, date order) against text encoding alone.
 
     python bench/query_latency.py                                  # 100k and 1M vectors (~6 GB RAM, ~5 min)
     python bench/query_latency.py --sizes 10000,30000 --queries 100 # quick

@@ -22,6 +22,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -133,6 +134,13 @@ def _known_images():
     ).outerjoin(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
 
 
+VERSION_KEY = "catalog_version"
+_BUMP_VERSION = text(
+    f"INSERT INTO library_meta (key, value) VALUES ('{VERSION_KEY}', '1') "
+    "ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+)
+
+
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -194,6 +202,8 @@ class Catalog:
         session = self._sessions()
         try:
             yield session
+            # Every committed write moves the catalog version on: readers' caches (filters, dates) key on it.
+            session.execute(_BUMP_VERSION)
             session.commit()
         except OperationalError as e:
             session.rollback()
@@ -203,6 +213,11 @@ class Catalog:
             raise
         finally:
             session.close()
+
+    def version(self) -> int:
+        """A counter that grows with every committed write (any change to images, vectors or metadata)."""
+        value = self.get_meta(VERSION_KEY)
+        return int(value) if value else 0
 
     # --- metadata -------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -355,6 +370,20 @@ class Catalog:
                 for image_id, taken_at, mtime_ns in rows:
                     found[image_id] = taken_at or file_time(mtime_ns)
         return found
+
+    def date_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids ascending, photo dates as seconds) of every indexed image, for sorting results by date in bulk."""
+        # Both the EXIF date and the file time read as seconds the same way SQLite reads them (naive = UTC), so
+        # the order matches photo_date(); one query instead of one lookup per result.
+        query = text(
+            "SELECT id, COALESCE(CAST(strftime('%s', taken_at) AS REAL), mtime_ns / 1e9) FROM images "
+            "WHERE status = :ok ORDER BY id"
+        )
+        with self.read() as session:
+            rows = session.execute(query, {"ok": STATUS_OK}).all()
+        ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        seconds = np.fromiter((row[1] if row[1] is not None else 0.0 for row in rows), dtype=np.float64, count=len(rows))
+        return ids, seconds
 
     def formats(self) -> dict[str, int]:
         """Indexed images per file format (Pillow's names: JPEG, PNG, HEIF...)."""

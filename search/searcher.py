@@ -39,7 +39,8 @@ class Searcher:
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()
         self._filter_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._sample: tuple | None = None  # (store, count, vectors) for relevance cutoffs
+        self._sample: tuple | None = None
+        self._dates: tuple[int, np.ndarray, np.ndarray] | None = None  # (catalog version, ids, seconds)  # (store, count, vectors) for relevance cutoffs
 
     @property
     def encoder(self) -> Encoder:
@@ -222,11 +223,7 @@ class Searcher:
         else:
             scores, ids = store.range_search(vector, cutoff.threshold, allowed_ids=allowed, limit=MAX_RELEVANT + len(exclude))
             pairs = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) not in exclude][:MAX_RELEVANT]
-            dates = catalog.dates_of([i for i, _ in pairs])
-            undated = file_time(0)
-            # Same-date photos (bursts, undated files) stay in score order either way.
-            pairs.sort(key=lambda pair: -pair[1])
-            pairs.sort(key=lambda pair: dates.get(pair[0], undated), reverse=request.sort == "newest")
+            pairs = self._by_date(pairs, newest_first=request.sort == "newest")
             total = relevant = len(pairs)
         searched = time.perf_counter()
         page = pairs[request.offset : request.offset + request.k]
@@ -235,10 +232,35 @@ class Searcher:
         timings = {"embed": embedded - started, "search": searched - embedded, "fetch": finished - searched, "total": finished - started}
         return SearchResult(hits, request, cutoff, total, relevant, timings)
 
-    def _allowed_ids(self, filters: SearchFilters) -> np.ndarray:
-        """Ids the filters let through, cached per catalog generation (paging and new queries reuse them)."""
+    def _by_date(self, pairs: list[tuple[int, float]], newest_first: bool) -> list[tuple[int, float]]:
+        """(id, score) pairs ordered by photo date; same-date photos (bursts) stay in score order."""
+        if not pairs:
+            return pairs
+        ids, seconds = self._date_table()
+        wanted = np.fromiter((i for i, _ in pairs), dtype=np.int64, count=len(pairs))
+        scores = np.fromiter((s for _, s in pairs), dtype=np.float64, count=len(pairs))
+        where = np.clip(np.searchsorted(ids, wanted), 0, max(len(ids) - 1, 0))
+        found = ids[where] == wanted if len(ids) else np.zeros(len(wanted), bool)
+        dates = np.where(found, seconds[where] if len(ids) else 0.0, 0.0)  # rows gone meanwhile sort as undated
+        # lexsort sorts by the last key first: date, then score (best first) within a date.
+        order = np.lexsort((-scores, -dates if newest_first else dates))
+        return [pairs[i] for i in order]
+
+    def _date_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every indexed image's date, loaded once per catalog version (sorting 10k results then costs ~1 ms)."""
         catalog = self.library.catalog
-        key = (filters, catalog.generation())
+        version = catalog.version()
+        cached = self._dates
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        ids, seconds = catalog.date_keys()
+        self._dates = (version, ids, seconds)
+        return ids, seconds
+
+    def _allowed_ids(self, filters: SearchFilters) -> np.ndarray:
+        """Ids the filters let through, cached per catalog version (paging and new queries reuse them)."""
+        catalog = self.library.catalog
+        key = (filters, catalog.version())
         with self._lock:
             cached = self._filter_cache.get(key)
             if cached is not None:

@@ -190,3 +190,22 @@ def test_filter_results_follow_new_photos(searcher, settings, photo_library, tmp
     index_folders(settings, [tmp_path / "photos"], encoder=ColorWordEncoder())
     after = searcher.run(SearchRequest(parse_query("orange"), k=20, filters=filters))
     assert names(after.hits)[0] == "orange1.png" and after.total == before.total + 1
+
+
+def test_folder_filter_follows_a_renamed_folder(searcher, settings, photo_library, tmp_path):
+    from clipsearch.indexer.run import index_folders
+    from tests.fakes import ColorWordEncoder
+
+    trip = photo_library["trip/red3.jpg"].parent
+    before = searcher.run(SearchRequest(parse_query("red"), k=20, filters=SearchFilters(folder=str(trip))))
+    assert before.total == 8
+    renamed = trip.with_name("holiday")
+    trip.rename(renamed)
+    encoder = ColorWordEncoder()
+    index_folders(settings, [tmp_path / "photos"], encoder=encoder)
+    assert encoder.images_embedded == 0  # moved, not re-embedded: no vector changed
+    old = searcher.run(SearchRequest(parse_query("red"), k=20, filters=SearchFilters(folder=str(trip))))
+    new = searcher.run(SearchRequest(parse_query("red"), k=20, filters=SearchFilters(folder=str(renamed))))
+    assert old.total == 0 and new.total == 8 and names(new.hits)[0] == "red3.jpg"
+    newest = searcher.run(SearchRequest(parse_query("red"), k=20, sort="newest"))
+    assert names(newest.hits) == ["red3.jpg", "red2.jpg", "red1.png"]

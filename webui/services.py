@@ -80,10 +80,10 @@ class Services:
         if not self.library.exists:
             return {"folders": [], "formats": {}, "date_range": None}
         catalog = self.library.catalog
-        generation = catalog.generation()
+        version = catalog.version()  # moves and renames change folders without changing any vector
         with self._filter_lock:
             cached = self._filter_cache
-            if cached is not None and cached[0] == generation:
+            if cached is not None and cached[0] == version:
                 return cached[1]
             dates = catalog.date_range()
             options = {
@@ -91,7 +91,7 @@ class Services:
                 "formats": catalog.formats(),
                 "date_range": (dates[0].date().isoformat(), dates[1].date().isoformat()) if dates else None,
             }
-            self._filter_cache = (generation, options)
+            self._filter_cache = (version, options)
             return options
 
     def close(self) -> None:
