@@ -141,6 +141,16 @@ _BUMP_VERSION = text(
 )
 
 
+def _note_flush(session: Session, _context) -> None:
+    if session.new or session.dirty or session.deleted:
+        session.info["changed"] = True
+
+
+def _note_statement(state) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info["changed"] = True
+
+
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -168,6 +178,8 @@ class Catalog:
         self.engine = create_engine(f"sqlite:///{self.db_path}", future=True)
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "after_flush", _note_flush)
+        event.listen(self._sessions, "do_orm_execute", _note_statement)
         try:
             Base.metadata.create_all(self.engine)
             self._check_schema()
@@ -202,8 +214,11 @@ class Catalog:
         session = self._sessions()
         try:
             yield session
-            # Every committed write moves the catalog version on: readers' caches (filters, dates) key on it.
-            session.execute(_BUMP_VERSION)
+            # Every committed change moves the catalog version on: readers' caches (filters, dates) key on it.
+            # A session that only read commits nothing, so it never waits for SQLite's write lock.
+            session.flush()
+            if session.info.get("changed"):
+                session.execute(_BUMP_VERSION)
             session.commit()
         except OperationalError as e:
             session.rollback()
