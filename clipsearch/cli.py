@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -16,6 +17,7 @@ from clipsearch.errors import ClipsearchError
 
 ENCODER_SETTINGS = ("data_dir", "model", "pretrained", "device", "precision", "model_cache_dir", "vector_index", "log_level")
 INDEX_SETTINGS = ENCODER_SETTINGS + ("batch_size", "workers", "max_image_pixels", "include_hidden", "follow_symlinks")
+WATCH_SETTINGS = ("watch_polling", "watch_poll_seconds", "watch_settle_seconds", "watch_rescan_minutes")
 
 
 def settings_options(*names: str) -> Callable:
@@ -134,6 +136,52 @@ def _print_index_summary(report, settings: Settings) -> None:
         + (f" — {report.embedded} images embedded in {report.seconds:.1f} s ({report.images_per_second:.1f}/s)" if report.embedded else "")
     )
     click.echo(f"library {settings.data_dir}: {report.vectors} images searchable")
+
+
+@main.command(short_help="Keep the index in step with photo folders as they change.")
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
+@reports_errors
+@settings_options(*INDEX_SETTINGS, *WATCH_SETTINGS)
+def watch(folders: tuple[str, ...], settings: Settings) -> None:
+    """Watch FOLDERS (default: the library's folders) and index photos as they are added, changed, moved or deleted.
+
+    Starts with a rescan that catches up with what changed while nothing watched, and rescans every
+    --watch-rescan-minutes. Moved and renamed photos and folders keep their vectors. Network shares are polled.
+    Ctrl+C stops cleanly; a `clipsearch index` of the same library can run between two batches.
+    """
+    import signal
+
+    from clipsearch.indexer.watch import Watcher
+
+    watcher = Watcher(settings, folders or None, on_batch=_print_watch_batch)
+    signal.signal(signal.SIGTERM, lambda signum, frame: watcher.request_stop())
+    interrupted = False
+    try:
+        watcher.start()
+        click.echo(f"watching {', '.join(watcher.roots)} for {settings.data_dir}  (Ctrl+C to stop)", err=True)
+        watcher.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        watcher.stop()
+    click.echo("stopped watching", err=True)
+    if interrupted:
+        sys.exit(130)
+
+
+def _print_watch_batch(batch) -> None:
+    report = batch.report
+    if batch.kind == "changes" and not batch.changed:
+        return
+    for root in report.missing_roots:
+        click.secho(f"skipped {root}: not a folder (not mounted?); nothing under it was removed", fg="yellow", err=True)
+    for path, reason in report.failed:
+        click.secho(f"failed {path}: {reason}", fg="yellow", err=True)
+    what = "caught up" if batch.kind == "rescan" else "changes"
+    click.echo(
+        f"{time.strftime('%H:%M:%S')} {what}: added {report.added}, updated {report.updated}, moved {report.moved}, "
+        f"removed {report.removed}, failed {len(report.failed)}" + (" (interrupted)" if report.interrupted else "")
+    )
 
 
 @main.command(short_help="Find photos by text, by image, or like one.")
@@ -260,13 +308,16 @@ def _size(n: int) -> str:
 @main.command(short_help="Run the web UI and JSON API.")
 @click.option("--debug", is_flag=True, help="Flask's development server with its debugger (loopback only; never for real use).")
 @click.option("--threads", type=click.IntRange(1, 64), default=8, show_default=True, help="Requests served at once.")
+@click.option("--watch", is_flag=True,
+              help="Also watch the library's folders and index changes as they happen (see `clipsearch watch`).")
 @reports_errors
-@settings_options(*ENCODER_SETTINGS, "host", "port", "access_token", "insecure", "max_upload_mb", "top_k")
-def serve(debug: bool, threads: int, settings: Settings) -> None:
+@settings_options(*ENCODER_SETTINGS, "host", "port", "access_token", "insecure", "max_upload_mb", "top_k", *WATCH_SETTINGS)
+def serve(debug: bool, threads: int, watch: bool, settings: Settings) -> None:
     """Serve the library in the browser: search by text or image, filters, image pages, a JSON API.
 
     Listens on 127.0.0.1:8000 by default. Any other --host needs --access-token (or --insecure on a trusted
-    network). The model stays loaded, and photos indexed meanwhile by another process show up without a restart.
+    network). The model stays loaded, and photos indexed meanwhile by another process show up without a restart;
+    with --watch the server indexes its folders' changes itself, within seconds.
     """
     import signal
 
@@ -282,10 +333,12 @@ def serve(debug: bool, threads: int, settings: Settings) -> None:
             click.echo(f"clipsearch: {info['images']} photos from {info['data_dir']} ({info['model']})", err=True)
         else:
             click.echo(f"clipsearch: the library {info['data_dir']} is empty: run clipsearch index DIR", err=True)
+        if info.get("watching"):
+            click.echo(f"watching {', '.join(info['watching'])}", err=True)
         click.echo(f"serving on {url}  (Ctrl+C to stop)", err=True)
 
     try:
-        run_server(settings, threads=threads, debug=debug, ready=ready)
+        run_server(settings, threads=threads, debug=debug, ready=ready, watch=watch)
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -30,8 +31,9 @@ def default_config_file() -> Path:
     return Path(platformdirs.user_config_dir("clipsearch", appauthor=False)) / CONFIG_FILE_NAME
 
 
-def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, default_factory=None, secret: bool = False):
-    metadata = {"help": help, "choices": choices, "secret": secret}
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, default_factory=None, secret: bool = False,
+             zero_ok: bool = False):
+    metadata = {"help": help, "choices": choices, "secret": secret, "zero_ok": zero_ok}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -66,7 +68,7 @@ class Settings:
         None, "Where downloaded model weights are cached (default: the Hugging Face cache)."
     )
     batch_size: int = _setting(32, "Images per model batch when indexing.")
-    workers: int = _setting(0, "Image decoding threads when indexing; 0 picks one per CPU core (at most 8).")
+    workers: int = _setting(0, "Image decoding threads when indexing; 0 picks one per CPU core (at most 8).", zero_ok=True)
     max_image_pixels: int = _setting(
         100_000_000, "Images with more pixels than this are refused as decompression bombs."
     )
@@ -81,7 +83,7 @@ class Settings:
         ("auto", "exact", "ivf"),
     )
     host: str = _setting("127.0.0.1", "Address `clipsearch serve` listens on; any other than loopback needs access_token (or insecure).")
-    port: int = _setting(8000, "Port `clipsearch serve` listens on (0 picks a free one).")
+    port: int = _setting(8000, "Port `clipsearch serve` listens on (0 picks a free one).", zero_ok=True)
     access_token: str | None = _setting(
         None,
         "Password for the web UI and API (log-in page, or `Authorization: Bearer TOKEN`); required when serving "
@@ -93,6 +95,21 @@ class Settings:
     )
     max_upload_mb: int = _setting(25, "Largest image upload the web UI and API accept for search by image, in MB.")
     log_level: str = _setting("warning", "Logging verbosity.", ("debug", "info", "warning", "error"))
+    watch_polling: bool = _setting(
+        False,
+        "Watch folders by looking at them every watch_poll_seconds instead of through the system's change notifications "
+        "(for network shares, whose changes from other machines raise none; folders on NFS/SMB/SSHFS are polled anyway).",
+    )
+    watch_poll_seconds: float = _setting(2.0, "Seconds between two looks at a polled folder (each look lists every file in it).")
+    watch_settle_seconds: float = _setting(
+        1.0,
+        "A changed file is indexed once it has had no writes and kept its size and time this long, so a copy or download "
+        "in progress is indexed once, complete.",
+    )
+    watch_rescan_minutes: int = _setting(
+        60, "Minutes between full rescans while watching, which catch what change notifications missed; 0: only at start.",
+        zero_ok=True,
+    )
 
     # Names of the settings that were set explicitly (config file, env or flag), not defaulted.
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False, metadata={"internal": True})
@@ -171,7 +188,14 @@ def convert_value(name: str, value: Any, source: str, base_dir: Path | None = No
             if isinstance(value, bool):
                 raise ValueError("expected a whole number")
             number = int(str(value).replace("_", ""))
-            if number < 0 or (number == 0 and name not in ("workers", "port")):
+            if number < 0 or (number == 0 and not f.metadata.get("zero_ok")):
+                raise ValueError("expected a positive number")
+            return number
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            number = float(str(value).replace("_", ""))
+            if not math.isfinite(number) or number <= 0:
                 raise ValueError("expected a positive number")
             return number
         text = str(value).strip()

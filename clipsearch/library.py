@@ -58,8 +58,11 @@ class Library:
         return VectorStore.open(self.vector_store_path, self.catalog, kind=self.settings.vector_index, background=background)
 
     @contextmanager
-    def writer_lock(self) -> Iterator[None]:
-        """Hold the library's single-writer lock; LibraryBusyError if another process has it."""
+    def writer_lock(self, purpose: str | None = None) -> Iterator[None]:
+        """Hold the library's single-writer lock; LibraryBusyError if another process has it.
+
+        purpose (e.g. "watch") is written into the lock file, so a refused writer can say who holds the library.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.data_dir / LOCK_FILE_NAME
         try:
@@ -72,11 +75,14 @@ class Library:
                 holder = handle.read().strip() or "another process"
                 raise LibraryBusyError(
                     f"the library {self.data_dir} is being written by {holder}",
+                    "a watcher (`clipsearch watch`, `clipsearch serve --watch`) indexes changes by itself and holds the "
+                    "library only while it applies them: try again in a moment"
+                    if holder.endswith("(watch)") else
                     "wait for it to finish (or stop it); only one indexer or watcher can write a library at a time",
                 )
             handle.seek(0)
             handle.truncate()
-            handle.write(f"clipsearch pid {os.getpid()}")
+            handle.write(f"clipsearch pid {os.getpid()}" + (f" ({purpose})" if purpose else ""))
             handle.flush()
             yield
         finally:

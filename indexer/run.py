@@ -18,7 +18,8 @@ from clipsearch.config import Settings
 from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
 from clipsearch.errors import LibraryError
 from clipsearch.indexer.prepare import Candidate, Failed, MaybeMoved, Prepared, Unchanged, file_still_exists, prepare
-from clipsearch.indexer.walk import normalise_root, walk_images
+from clipsearch.indexer.scope import Changes, files_in_scopes, hinted_moves, rows_in_scopes
+from clipsearch.indexer.walk import FoundFile, normalise_root, walk_images
 from clipsearch.library import Library
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ class Indexer:
     """Indexes folders into one library with one encoder."""
 
     def __init__(self, library: Library, encoder: Encoder, progress: IndexProgress | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, sync_store: bool = True):
         self.library = library
+        self.sync_store = sync_store  # False: the caller brings the vector file up to date when it sees fit
         self.catalog = library.catalog
         self.settings = library.settings
         self.encoder = encoder
@@ -102,19 +104,21 @@ class Indexer:
         self._gone_by_hash: dict[str, list[int]] = {}
         self._gone: dict[str, int] = {}
         self._found: set[str] = set()
+        self._renamed: list[tuple[MaybeMoved, int]] = []
 
-    def run(self, folders: Sequence[str | Path]) -> IndexReport:
-        """Index the folders; returns the report (interrupted=True after Ctrl-C or a stop request)."""
+    def run(self, folders: Sequence[str | Path], changes: Changes | None = None) -> IndexReport:
+        """Index the folders, or with `changes` only those paths under them; the report (interrupted=True on a stop)."""
         started = time.perf_counter()
         try:
             roots = self._walkable_roots(folders)
-            candidates = self._plan(roots)
+            candidates = self._plan(roots, changes)
             if self.progress:
                 self.progress.start(len(candidates))
             self._process(candidates)
             if not self.report.interrupted:
                 self._remove_gone()
-                self._touch_roots(roots)
+                if changes is None:  # only a whole walk tells when a root was last seen complete
+                    self._touch_roots(roots)
         except BaseException:
             self.report.seconds = time.perf_counter() - started
             try:  # keep what was committed searchable, but report the original error
@@ -138,19 +142,18 @@ class Indexer:
             roots.append(root)
         return roots
 
-    def _plan(self, roots: list[str]) -> list[Candidate]:
+    def _plan(self, roots: list[str], changes: Changes | None) -> list[Candidate]:
         model_id = self.encoder.model_id
-        found: dict[str, tuple[str, object]] = {}
-        for root in roots:
-            for item in walk_images(
-                root,
-                include_hidden=self.settings.include_hidden,
-                follow_symlinks=self.settings.follow_symlinks,
-                exclude=[self.library.data_dir],
-                on_error=lambda path, reason: self.report.walk_errors.append((path, reason)),
-            ):
-                found.setdefault(item.path, (root, item))
-        known = self.catalog.known_under(roots)
+        if changes is None:
+            found = self._walk(roots)
+            known = self.catalog.known_under(roots)
+        else:
+            scopes, found = files_in_scopes(
+                changes, roots, include_hidden=self.settings.include_hidden, follow_symlinks=self.settings.follow_symlinks,
+                exclude=str(self.library.data_dir), on_error=self._walk_error,
+            )
+            known = rows_in_scopes(self.catalog, scopes, changes.defer)
+            self._claim_renames(changes, found, known)
         candidates = []
         for path, (root, item) in found.items():
             row = known.get(path)
@@ -175,6 +178,32 @@ class Indexer:
                 self._gone_by_hash.setdefault(row.content_hash, []).append(row.id)
         return candidates
 
+    def _walk(self, roots: list[str]) -> dict[str, tuple[str, FoundFile]]:
+        found: dict[str, tuple[str, FoundFile]] = {}
+        for root in roots:
+            for item in walk_images(
+                root,
+                include_hidden=self.settings.include_hidden,
+                follow_symlinks=self.settings.follow_symlinks,
+                exclude=[self.library.data_dir],
+                on_error=self._walk_error,
+            ):
+                found.setdefault(item.path, (root, item))
+        return found
+
+    def _walk_error(self, path: str, reason: str) -> None:
+        self.report.walk_errors.append((path, reason))
+
+    def _claim_renames(self, changes: Changes, found: dict[str, tuple[str, FoundFile]], known: dict) -> None:
+        """Files a reported rename explains keep their old row as they are: no read, no hash, no embedding."""
+        gone = {path: row for path, row in known.items() if path not in found}
+        for path, row in hinted_moves(changes.moves, {p: v for p, v in found.items() if p not in known}, gone,
+                                      self.encoder.model_id).items():
+            root, item = found.pop(path)
+            self._claimed.add(row.id)
+            candidate = Candidate(path, root, item.size, item.mtime_ns)
+            self._renamed.append((MaybeMoved(candidate, row.content_hash or "", [row.id]), row.id))
+
     def _find_moved(self, digest: str, candidate: Candidate) -> list[int]:
         """Catalog rows with this content whose files are gone (runs in decoding threads)."""
         ids = [i for i in self._gone_by_hash.get(digest, ()) if i not in self._claimed]
@@ -196,6 +225,7 @@ class Indexer:
         pending: deque[Future] = deque()
         todo = deque(candidates)
         batch = _Batch()
+        batch.moved.extend(self._renamed)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipsearch-decode")
 
         def submit(candidate: Candidate) -> None:
@@ -314,13 +344,19 @@ class Indexer:
                 session.merge(RootRow(path=root, last_indexed_at=utcnow()))
 
     def _sync_store(self) -> None:
-        store = self.library.open_store()
-        if store is None:
-            return
-        self.report.vectors = store.count
-        if store.saved_generation is not None:
-            # Readers reload the saved file before catching up, so the log before it is no longer needed.
-            self.catalog.prune_changes(store.saved_generation)
+        if self.sync_store:
+            self.report.vectors = sync_vector_store(self.library)
+
+
+def sync_vector_store(library: Library, prune: bool = True) -> int:
+    """Bring the saved vector file up to date with the catalog (prune: forget the change log it covers); its count."""
+    store = library.open_store()
+    if store is None:
+        return 0
+    if prune and store.saved_generation is not None:
+        # Readers reload the saved file before catching up, so the log before it is no longer needed.
+        library.catalog.prune_changes(store.saved_generation)
+    return store.count
 
 
 def prepare_library_model(library: Library, encoder: Encoder, model: str, pretrained: str) -> None:
@@ -333,6 +369,11 @@ def prepare_library_model(library: Library, encoder: Encoder, model: str, pretra
             log.warning("re-embedding the library: dropping vectors of %s", recorded["model_id"])
             delete_embeddings(session)
         library.catalog.set_library_model(session, encoder.model_id, model, pretrained, encoder.dim)
+
+
+def load_model(settings: Settings, model: str, pretrained: str) -> Encoder:
+    """Load a model to index with, on the settings' device and precision."""
+    return load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir))
 
 
 def index_folders(
@@ -350,7 +391,7 @@ def index_folders(
         with library.writer_lock():
             model, pretrained = library.resolve_model(allow_change=reembed)
             if encoder is None:
-                encoder = load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir))
+                encoder = load_model(settings, model, pretrained)
             prepare_library_model(library, encoder, model, pretrained)
             return Indexer(library, encoder, progress, stop).run(folders)
     finally:

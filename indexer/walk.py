@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -61,9 +62,7 @@ def walk_images(
             if not include_hidden and entry.name.startswith("."):
                 continue
             if not _is_utf8(entry.path):
-                # SQLite stores text as UTF-8: such a name cannot be catalogued, so say how to fix it.
-                _report(on_error, os.fsencode(entry.path).decode("utf-8", "replace"),
-                        OSError("file name is not valid UTF-8; rename it to index it"))
+                _report_undecodable(on_error, entry.path)
                 continue
             try:
                 if entry.is_dir(follow_symlinks=follow_symlinks):
@@ -71,12 +70,44 @@ def walk_images(
                     continue
                 if not is_image_name(entry.name) or not entry.is_file(follow_symlinks=follow_symlinks):
                     continue
-                stat = entry.stat(follow_symlinks=follow_symlinks)
+                info = entry.stat(follow_symlinks=follow_symlinks)
             except OSError as e:  # vanished between listing and stat, or a dangling link
                 _report(on_error, entry.path, e)
                 continue
-            yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
+            yield FoundFile(entry.path, info.st_size, info.st_mtime_ns)
         stack.extend(reversed(subfolders))
+
+
+def image_at(path: str, *, follow_symlinks: bool = True,
+             on_error: Callable[[str, str], None] | None = None) -> FoundFile | None:
+    """The image file at path as walk_images would yield it, or None (gone, not an image, not a plain file)."""
+    if not is_image_name(os.path.basename(path)):
+        return None
+    if not _is_utf8(path):
+        _report_undecodable(on_error, path)
+        return None
+    try:
+        found = os.stat(path, follow_symlinks=follow_symlinks)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _report(on_error, path, e)
+        return None
+    if not stat.S_ISREG(found.st_mode):
+        return None
+    return FoundFile(path, found.st_size, found.st_mtime_ns)
+
+
+def is_under(path: str, folder: str) -> bool:
+    """Whether path is folder itself or lies below it (both normalised, absolute)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_hidden_below(path: str, root: str) -> bool:
+    """Whether a file or folder name below root (root's own name aside) on the way to path starts with a dot."""
+    if not is_under(path, root) or path == root:
+        return False
+    return any(part.startswith(".") for part in path[len(root.rstrip(os.sep)) + 1 :].split(os.sep))
 
 
 def _is_utf8(path: str) -> bool:
@@ -85,6 +116,12 @@ def _is_utf8(path: str) -> bool:
         return True
     except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (PEP 383)
         return False
+
+
+def _report_undecodable(on_error: Callable[[str, str], None] | None, path: str) -> None:
+    # SQLite stores text as UTF-8: such a name cannot be catalogued, so say how to fix it.
+    _report(on_error, os.fsencode(path).decode("utf-8", "replace"),
+            OSError("file name is not valid UTF-8; rename it to index it"))
 
 
 def _report(on_error: Callable[[str, str], None] | None, path: str, error: OSError) -> None:

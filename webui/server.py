@@ -27,8 +27,11 @@ def display_url(host: str, port: int) -> str:
 
 
 def serve(settings: Settings, encoder: Encoder | None = None, *, threads: int = DEFAULT_THREADS, debug: bool = False,
-          ready: Callable[[str, dict], None] | None = None) -> None:
-    """Serve the library until interrupted; `ready(url, info)` is called once the model is warm and the port is open."""
+          ready: Callable[[str, dict], None] | None = None, watch: bool = False) -> None:
+    """Serve the library until interrupted; `ready(url, info)` is called once the model is warm and the port is open.
+
+    watch=True also keeps the index in step with the library's folders (a Watcher thread sharing the model).
+    """
     check_exposure(settings)
     if debug and not is_loopback(settings.host):
         raise ConfigError("--debug serves Flask's debugger, which runs any code a visitor sends",
@@ -46,6 +49,26 @@ def serve(settings: Settings, encoder: Encoder | None = None, *, threads: int = 
             services.searcher.store()  # build or catch up the vector index before the first query
         except Exception as e:  # an empty library is fine: the page explains how to index
             log.debug("vector index not ready at start-up: %s", e)
+    watcher = _start_watcher(settings, services.searcher.loaded_encoder) if watch else None
+    if watcher is not None:
+        info["watching"] = watcher.roots
+    try:
+        _serve_app(app, services, settings, threads, debug, info, ready)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+def _start_watcher(settings: Settings, encoder: Encoder | None):
+    from clipsearch.indexer.watch import Watcher
+
+    watcher = Watcher(settings, encoder=encoder)  # the searcher's model when loaded: one copy in memory
+    watcher.start()
+    return watcher
+
+
+def _serve_app(app, services, settings: Settings, threads: int, debug: bool, info: dict,
+         ready: Callable[[str, dict], None] | None) -> None:
     if debug:
         url = display_url(settings.host, settings.port)
         if ready:
