@@ -145,12 +145,14 @@ class SearchResult:
     total: int  # results available in this order: candidates by relevance, relevant ones by date
     relevant: int | None  # results above the cutoff, when counted (always when sorting by date)
     timings: dict[str, float]
+    ranked: int | None = None  # ranked results this page covered (hits of vanished files are left out of `hits`)
 
     @property
     def next_offset(self) -> int | None:
         """Offset of the next page, or None when this is the last one."""
-        end = self.request.offset + len(self.hits)
-        return end if len(self.hits) == self.request.k and end < min(self.total, MAX_OFFSET + self.request.k) else None
+        covered = len(self.hits) if self.ranked is None else self.ranked
+        end = self.request.offset + covered
+        return end if covered == self.request.k and end < min(self.total, MAX_OFFSET + self.request.k) else None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 class Searcher:
     """Answers queries over one library; keeps the encoder loaded and the vector store current."""
 
-    def __init__(self, library: Library, encoder: Encoder | None = None, background_rebuild: bool = False):
+    def __init__(self, library: Library, encoder: Encoder | None = None, background_rebuild: bool = False,
+                 hide_vanished: bool = False):
         self.library = library
         self.background_rebuild = background_rebuild  # long-running servers keep answering during index rebuilds
+        self.hide_vanished = hide_vanished  # check result files exist (servers): a deleted photo is never shown
         self._encoder = encoder
         self._owns_encoder = encoder is None
         self._store = None
@@ -230,7 +232,7 @@ class Searcher:
         hits = self._hits(page, cutoff.threshold)
         finished = time.perf_counter()
         timings = {"embed": embedded - started, "search": searched - embedded, "fetch": finished - searched, "total": finished - started}
-        return SearchResult(hits, request, cutoff, total, relevant, timings)
+        return SearchResult(hits, request, cutoff, total, relevant, timings, ranked=len(page))
 
     def _by_date(self, pairs: list[tuple[int, float]], newest_first: bool) -> list[tuple[int, float]]:
         """(id, score) pairs ordered by photo date; same-date photos (bursts) stay in score order."""
@@ -280,6 +282,9 @@ class Searcher:
         for image_id, score in pairs:
             row = rows.get(image_id)
             if row is None:  # deleted since the store was loaded: skipped rather than shown as a dead link
+                continue
+            if self.hide_vanished and not os.path.exists(row.path):
+                # Deleted on disk but not yet out of the catalog (a watcher applies it within seconds).
                 continue
             date = row.taken_at or file_time(row.mtime_ns)
             hits.append(SearchHit(image_id, row.path, score, date, row.width, row.height, row.format, score >= threshold))

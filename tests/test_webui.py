@@ -384,3 +384,13 @@ def test_session_key_is_private_and_stable(settings, fake_encoder):
     first = load_secret_key(settings.data_dir)
     assert load_secret_key(settings.data_dir) == first and len(first) >= 32
     assert (settings.data_dir / SECRET_FILE_NAME).stat().st_mode & 0o077 == 0
+
+
+def test_deleted_photo_is_never_shown_even_before_reindexing(client, photo_library):
+    before = client.get("/api/search?q=red&k=3").json
+    assert len(before["results"]) == 3
+    photo_library["home/red2.jpg"].unlink()
+    after = client.get("/api/search?q=red&k=3").json
+    names = [os.path.basename(r["path"]) for r in after["results"]]
+    assert "red2.jpg" not in names and len(names) == 2
+    assert after["next_offset"] == 3  # the page still covered three ranks: paging goes on past the gap
