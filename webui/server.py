@@ -94,6 +94,9 @@ def _serve_app(app, services, settings: Settings, threads: int, debug: bool, inf
 def _create_server(app, settings: Settings, threads: int):
     from waitress import create_server
 
+    # "Task queue depth is N" is logged whenever a request waits for a thread, even briefly; not worth a warning.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
     try:
         return create_server(
             app, host=settings.host, port=settings.port, threads=threads, ident="clipsearch",
