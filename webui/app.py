@@ -60,6 +60,7 @@ def create_app(settings: Settings, encoder: Encoder | None = None, config: Mappi
         SESSION_COOKIE_NAME="clipsearch_session",
     )
     app.json.sort_keys = False  # keep the documented field order of API answers
+    app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True
     app.config.update(config or {})
     if not app.config["SECRET_KEY"]:
         app.config["SECRET_KEY"] = security.load_secret_key(settings.data_dir)
