@@ -394,3 +394,15 @@ def test_deleted_photo_is_never_shown_even_before_reindexing(client, photo_libra
     names = [os.path.basename(r["path"]) for r in after["results"]]
     assert "red2.jpg" not in names and len(names) == 2
     assert after["next_offset"] == 3  # the page still covered three ranks: paging goes on past the gap
+
+
+def test_big_photos_are_viewed_as_a_rendition(client, settings, tmp_path, fake_encoder):
+    from clipsearch.indexer.run import index_folders
+
+    path = make_image(tmp_path / "big" / "wide.jpg", "blue", size=(3000, 1000))
+    index_folders(settings, [path.parent], encoder=fake_encoder)
+    ident = image_id(settings, path)
+    view = client.get(f"/media/{ident}")
+    assert view.status_code == 200 and view.mimetype == "image/jpeg"
+    assert Image.open(io.BytesIO(view.data)).size == (2048, 683)
+    assert client.get(f"/media/{ident}/original").data == path.read_bytes()

@@ -10,7 +10,7 @@ from flask import Blueprint, abort, request, send_file
 from clipsearch.catalog import ImageRow
 from clipsearch.errors import ImageDecodeError
 from clipsearch.webui.services import services
-from clipsearch.webui.thumbnails import RenditionCache
+from clipsearch.webui.thumbnails import DISPLAY_SIZE, RenditionCache
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,12 @@ def thumbnail(image_id: int):
 
 @blueprint.get("/media/<id:image_id>")
 def view(image_id: int):
-    """The image as a browser can show it: the original file, or a JPEG rendition for HEIC, TIFF..."""
+    """The image as a browser can show it: the original file, or a JPEG rendition for HEIC, TIFF and big photos."""
     cache = services().renditions
     row = _row(image_id)
-    if RenditionCache.needs_display_rendition(row.format):
+    # Big photos are shown as a 2048 px rendition (fast to load, rotated by us); the original stays a click away.
+    too_big = max(row.width or 0, row.height or 0) > DISPLAY_SIZE
+    if too_big or RenditionCache.needs_display_rendition(row.format):
         return _rendition(image_id, lambda row: cache.display(row.path, row.content_hash, row.mtime_ns))
     return _send(row.path, MIME_TYPES.get(row.format or "", "application/octet-stream"), row.content_hash, ORIGINAL_MAX_AGE)
 

@@ -28,7 +28,7 @@ from clipsearch.images import open_image
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = 400  # longest side in px of grid thumbnails (sharp on 2x screens for ~200px cells)
-DISPLAY_SIZE = 2048  # longest side of the display rendition for formats browsers cannot show
+DISPLAY_SIZE = 2048  # longest side of the display rendition (formats browsers cannot show, and big photos)
 BROWSER_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "AVIF", "BMP"})  # Pillow format names browsers show
 
 MIN_SIZE = 16
