@@ -360,6 +360,119 @@ def config_command(as_json: bool, settings: Settings) -> None:
     click.echo("* set by config file, environment or flag")
 
 
+EVAL_SETTINGS = ("model", "pretrained", "device", "precision", "model_cache_dir", "batch_size", "workers",
+                 "max_image_pixels", "log_level")
+
+
+@main.group("eval", short_help="Measure a model: zero-shot classification or caption retrieval.")
+def eval_group() -> None:
+    """Evaluate a model on a labelled or captioned image folder (nothing is indexed or written to a library)."""
+
+
+def _eval_output(result: dict, as_json: bool, json_out: str | None, rows: list[tuple[str, str]]) -> None:
+    for item in result["failures"][:20]:
+        click.secho(f"skipped {item['path']}: {item['reason']}", fg="yellow", err=True)
+    if len(result["failures"]) > 20:
+        click.echo(f"... and {len(result['failures']) - 20} more skipped (the JSON lists them all)", err=True)
+    text = json.dumps(result, indent=2)
+    if json_out:
+        from pathlib import Path
+
+        try:
+            Path(json_out).write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            from clipsearch.errors import ConfigError
+
+            raise ConfigError(f"cannot write {json_out}: {e.strerror or e}", "give a writable --json-out path") from e
+    if as_json:
+        click.echo(text)
+        return
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
+
+
+def _eval_encoder(settings: Settings):
+    from clipsearch.encoders import encoder_spec_from_settings, load_encoder
+
+    return load_encoder(encoder_spec_from_settings(settings))
+
+
+_EVAL_COMMON = [
+    click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False),
+                 help="Folder the CSV's relative_path values are relative to."),
+    click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate a subset of N images only."),
+    click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON here."),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+]
+
+
+def _eval_options(command: Callable) -> Callable:
+    for option in reversed(_EVAL_COMMON):
+        command = option(command)
+    return command
+
+
+@eval_group.command("zeroshot", short_help="Zero-shot classification accuracy on a labelled folder.")
+@_eval_options
+@click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV with relative_path,label columns (others ignored).")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Class names in order: one a line, or a CSV with a label column (default: the sorted labels).")
+@click.option("--templates", "templates_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help='Prompt templates, one a line with {} for the class name (default: CLIP\'s "a photo of a {}." set).')
+@reports_errors
+@settings_options(*EVAL_SETTINGS)
+def eval_zeroshot(images_dir: str, limit: int | None, json_out: str | None, as_json: bool, labels_csv: str,
+                  classes_file: str | None, templates_file: str | None, settings: Settings) -> None:
+    """Classify every image of a labelled folder by prompt-ensembled class names; report top-1, top-5, mean recall.
+
+    With --limit N, the first images of each class in turn (N in all) are evaluated.
+    """
+    from clipsearch.search.evaluation import evaluate_zeroshot
+    from clipsearch.search.zeroshot import load_templates
+
+    templates = load_templates(templates_file) if templates_file else None
+    encoder = _eval_encoder(settings)
+    result = evaluate_zeroshot(encoder, images_dir, labels_csv, classes_file=classes_file, templates=templates,
+                               limit=limit, batch_size=settings.batch_size, workers=settings.resolved_workers,
+                               max_pixels=settings.max_image_pixels)
+    m = result["metrics"]
+    _eval_output(result, as_json, json_out, [
+        ("model", result["model"]),
+        ("images", f"{result['n_evaluated']} evaluated, {result['n_failed']} skipped"),
+        ("classes", f"{result['n_classes']} ({result['n_templates']} templates each)"),
+        ("top-1", f"{m['top1']:.4f}  (chance {result['chance_top1']:.4f})"),
+        ("top-5", f"{m['top5']:.4f}"),
+        ("mean per-class recall", f"{m['mean_per_class_recall']:.4f}"),
+        ("time", f"{result['seconds']:.1f} s ({result['images_per_second'] or 0:.1f} images/s)"),
+    ])
+
+
+@eval_group.command("retrieval", short_help="Text-to-image and image-to-text recall@k on a captioned folder.")
+@_eval_options
+@click.option("--captions", "captions_csv", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV with relative_path,caption columns (several captions per image allowed).")
+@reports_errors
+@settings_options(*EVAL_SETTINGS)
+def eval_retrieval(images_dir: str, limit: int | None, json_out: str | None, as_json: bool, captions_csv: str,
+                   settings: Settings) -> None:
+    """Retrieve each caption's image and each image's captions; report recall@1/5/10 both ways.
+
+    With --limit N, N images spread evenly over the file are evaluated, with all their captions.
+    """
+    from clipsearch.search.evaluation import evaluate_retrieval
+
+    encoder = _eval_encoder(settings)
+    result = evaluate_retrieval(encoder, images_dir, captions_csv, limit=limit, batch_size=settings.batch_size,
+                                workers=settings.resolved_workers, max_pixels=settings.max_image_pixels)
+    rows = [("model", result["model"]),
+            ("images", f"{result['n_evaluated']} evaluated, {result['n_failed']} skipped, {result['n_captions']} captions")]
+    rows += [(name.replace("_", " "), f"{value:.4f}") for name, value in result["metrics"].items()]
+    rows.append(("time", f"{result['seconds']:.1f} s ({result['images_per_second'] or 0:.1f} images/s)"))
+    _eval_output(result, as_json, json_out, rows)
+
+
 def run(argv: list[str] | None = None) -> Any:
     """Entry point for `python -m clipsearch`."""
     return main(args=argv, prog_name="clipsearch")

@@ -57,6 +57,7 @@ class ColorWordEncoder(Encoder):
         vectors = np.full((len(texts), self.dim), 0.01, dtype=np.float32)
         for row, text in enumerate(texts):
             for word in text.lower().replace(",", " ").split():
+                word = word.strip(".!?;:\"'")
                 if word in PALETTE:
                     vectors[row, COLOR_NAMES.index(word)] += 1.0
         return _normalise(vectors)
