@@ -212,7 +212,6 @@ class Searcher:
         store = self.store()
         vector, exclude = self.query_vector(request, store)
         embedded = time.perf_counter()
-        catalog = self.library.catalog
         filters = request.filters
         allowed = self._allowed_ids(filters) if filters.active else None
         cutoff = self.cutoff(vector, store, request.strictness)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import pytest
 
 from clipsearch.indexer.run import index_folders
 from clipsearch.library import Library

@@ -14,7 +14,6 @@ from clipsearch.config import with_overrides
 from clipsearch.errors import LibraryBusyError, ModelMismatchError
 from clipsearch.indexer.run import index_folders
 from clipsearch.library import Library
-from clipsearch.store import VectorStore
 from tests.fakes import ColorWordEncoder, make_image
 
 

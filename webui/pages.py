@@ -35,9 +35,10 @@ def search():
 
 def _echo_form() -> SearchForm:
     """The query text of a failed search, so the user can correct it."""
+    from clipsearch.search.relevance import DEFAULT_STRICTNESS
     from clipsearch.search.request import SearchFilters
 
-    return SearchForm((request.values.get("q") or "")[:2000], None, SearchFilters(), "relevance", 3.0, None)
+    return SearchForm((request.values.get("q") or "")[:2000], None, SearchFilters(), "relevance", DEFAULT_STRICTNESS, None)
 
 
 @blueprint.get("/similar/<id:image_id>")
