@@ -180,6 +180,8 @@ class Catalog:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "after_flush", _note_flush)
         event.listen(self._sessions, "do_orm_execute", _note_statement)
+        import clipsearch.label_tables  # noqa: F401  (registers the label tables on Base; imported here: no cycle)
+
         try:
             Base.metadata.create_all(self.engine)
             self._check_schema()
