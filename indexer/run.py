@@ -284,6 +284,7 @@ class Indexer:
                 raise LibraryError(f"encoder returned vectors of shape {vectors.shape}", "this is a bug: please report it")
         model_id = self.encoder.model_id
         now = utcnow()
+        embedded_ids: list[int] = []
         with self.catalog.write() as session:
             for index, item in enumerate(batch.prepared):
                 c, info = item.candidate, item.info
@@ -303,6 +304,7 @@ class Indexer:
                     session.flush()
                     self.report.added += 1
                 session.merge(EmbeddingRow(image_id=row.id, model=model_id, vector=vector_to_blob(vectors[index])))
+                embedded_ids.append(row.id)
                 self.report.decode_seconds += item.decode_seconds
             self.report.embedded += len(batch.prepared)
             for failure in batch.failed:
@@ -314,6 +316,18 @@ class Indexer:
                 c = moved.candidate
                 touch_images(session, [(row_id, {"path": c.path, "root": c.root, "size": c.size, "mtime_ns": c.mtime_ns})])
                 self.report.moved += 1
+        self._label(embedded_ids)
+
+    def _label(self, image_ids: list[int]) -> None:
+        """Give newly embedded photos their labels (sets applied before); never stops indexing."""
+        if not image_ids:
+            return
+        from clipsearch.search.labels import apply_new
+
+        try:
+            apply_new(self.catalog, image_ids)
+        except Exception as e:  # labels are derived: `clipsearch labels apply` recomputes them
+            log.warning("could not label %d new photos (%s); run `clipsearch labels apply`", len(image_ids), e)
 
     def _record_failure(self, session, failure: Failed, now) -> None:
         c = failure.candidate

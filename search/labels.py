@@ -213,8 +213,8 @@ def set_names(catalog: Catalog) -> list[str]:
         return list(session.scalars(select(LabelSetRow.name).order_by(LabelSetRow.name)))
 
 
-def label_sets(catalog: Catalog, set_name: str | None = None) -> list[LabelSet]:
-    """Every set (or one; QueryError when unknown), with labels and how many photos hold each."""
+def label_sets(catalog: Catalog, set_name: str | None = None, with_counts: bool = True) -> list[LabelSet]:
+    """Every set (or one; QueryError when unknown), with labels and (unless with_counts=False) how many photos hold each."""
     with catalog.read() as session:
         query = select(LabelSetRow).order_by(LabelSetRow.name)
         if set_name is not None:
@@ -222,8 +222,10 @@ def label_sets(catalog: Catalog, set_name: str | None = None) -> list[LabelSet]:
         sets = list(session.scalars(query))
         if set_name is not None and not sets:
             raise _unknown_set(catalog, set_name, session)
+        if not sets:
+            return []
         counts = dict(session.execute(
-            select(LabelAssignmentRow.label_id, func.count()).group_by(LabelAssignmentRow.label_id)).all())
+            select(LabelAssignmentRow.label_id, func.count()).group_by(LabelAssignmentRow.label_id)).all()) if with_counts else {}
         labels = session.scalars(select(LabelRow).where(LabelRow.set_name.in_([s.name for s in sets])).order_by(LabelRow.id))
         by_set: dict[str, list[LabelSpec]] = {s.name: [] for s in sets}
         for row in labels:
@@ -497,15 +499,14 @@ def apply_new(catalog: Catalog, image_ids: Sequence[int], encoder: EncoderSource
     Call it after the batch's vectors are committed, from the process holding the writer lock.
     """
     image_ids = [int(i) for i in image_ids]
-    model = catalog.library_model()
-    if not image_ids or model is None:
+    sets = [label_set for label_set in label_sets(catalog, with_counts=False) if label_set.labels] if image_ids else []
+    model = catalog.library_model() if sets else None
+    if model is None:  # cheap when there are no labels: indexing calls this for every batch
         return {}
     model_id = model["model_id"]
     ids, vectors = catalog.vectors(model_id, image_ids)
     given: dict[str, int] = {}
-    for label_set in label_sets(catalog):
-        if not label_set.labels:
-            continue
+    for label_set in sets:
         try:
             classifier = set_classifier(catalog, label_set, model_id, encoder)
         except ConfigError as e:

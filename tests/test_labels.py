@@ -183,8 +183,11 @@ def test_apply_new_labels_new_photos_with_cached_classifiers(catalog, fake_encod
     make_image(tmp_path / "photos" / "home" / "red9.png", "red", noise=99)
     make_image(tmp_path / "photos" / "home" / "green9.png", "green", noise=98)
     index_folders(settings, [tmp_path / "photos"], encoder=fake_encoder)
+    # The indexer labels what it embeds: no `labels apply` needed for new photos.
+    assert names_of(catalog, "s", "red") == ["red1", "red2", "red3", "red9"]
+    assert "green9" not in names_of(catalog, "s", "blue")
     new = sorted({row.id for row in _images(catalog)} - before)
-    assert apply_new(catalog, new) == {"s": 1}
+    assert apply_new(catalog, new) == {"s": 1}  # idempotent: replaces the same assignments
     assert names_of(catalog, "s", "red") == ["red1", "red2", "red3", "red9"]
 
 
