@@ -377,17 +377,6 @@ class Catalog:
         with self.read() as session:
             return np.fromiter(session.scalars(query), dtype=np.int64)
 
-    def dates_of(self, ids: Sequence[int]) -> dict[int, datetime]:
-        """The photo date (EXIF date taken, else file time) of each given image id."""
-        found: dict[int, datetime] = {}
-        with self.read() as session:
-            for start in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[start : start + 500]]
-                rows = session.execute(select(ImageRow.id, ImageRow.taken_at, ImageRow.mtime_ns).where(ImageRow.id.in_(chunk)))
-                for image_id, taken_at, mtime_ns in rows:
-                    found[image_id] = taken_at or file_time(mtime_ns)
-        return found
-
     def date_keys(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids ascending, photo dates as seconds) of every indexed image, for sorting results by date in bulk."""
         # Both the EXIF date and the file time read as seconds the same way SQLite reads them (naive = UTC), so

@@ -9,8 +9,11 @@ from clipsearch.library import Library
 from clipsearch.store import store_size_bytes
 
 
-def library_status(settings: Settings, max_failures: int | None = 20) -> dict[str, Any]:
-    """A JSON-ready description of the settings' library (does not create one)."""
+def library_status(settings: Settings, max_failures: int | None = 20, store=None) -> dict[str, Any]:
+    """A JSON-ready description of the settings' library (does not create one).
+
+    store: a vector store the caller already holds current (a server's), instead of loading the file again.
+    """
     library = Library(settings)
     info: dict[str, Any] = {
         "data_dir": str(library.data_dir),
@@ -37,7 +40,7 @@ def library_status(settings: Settings, max_failures: int | None = 20) -> dict[st
         info["roots"] = [root.path for root in catalog.roots()]
         info["counts"] = catalog.counts()
         info["failures"] = [{"path": p, "reason": r} for p, r in catalog.failures(max_failures)]
-        store = library.open_store()
+        store = store if store is not None else library.open_store()
         info["vectors"] = store.count if store is not None else 0
         info["index_kind"] = store.kind if store is not None else None
         info["catalog_bytes"] = sum(

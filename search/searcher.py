@@ -41,8 +41,8 @@ class Searcher:
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()
         self._filter_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._sample: tuple | None = None
-        self._dates: tuple[int, np.ndarray, np.ndarray] | None = None  # (catalog version, ids, seconds)  # (store, count, vectors) for relevance cutoffs
+        self._sample: tuple | None = None  # (store, count, vectors) for relevance cutoffs
+        self._dates: tuple[int, np.ndarray, np.ndarray] | None = None  # (catalog version, ids, seconds)
 
     @property
     def encoder(self) -> Encoder:
@@ -63,6 +63,13 @@ class Searcher:
     def loaded_encoder(self) -> Encoder | None:
         """The encoder if it is loaded already (does not load it)."""
         return self._encoder
+
+    def current_store(self):
+        """The vector store caught up with the catalog, or None when nothing is indexed (never raises EmptyLibrary)."""
+        try:
+            return self.store()
+        except EmptyLibraryError:
+            return None
 
     def warm_up(self) -> None:
         """Load the encoder and run it once, so the first query is as fast as the rest."""

@@ -44,7 +44,7 @@ def status():
     """The library: model, folders, counts, index size, failed files with reasons."""
     svc = services()
     max_failures = integer(request.args, "failures", 100, 0, 100_000)
-    info = library_status(svc.settings, max_failures=max_failures or None)
+    info = library_status(svc.settings, max_failures=max_failures or None, store=svc.searcher.current_store())
     info["data_dir"] = str(info["data_dir"])
     info["renditions_bytes"] = svc.renditions.size_bytes()
     info["filters"] = svc.filter_options()

@@ -10,6 +10,7 @@ from flask import Blueprint, abort, request, send_file
 from clipsearch.catalog import ImageRow
 from clipsearch.errors import ImageDecodeError
 from clipsearch.webui.services import services
+from clipsearch.webui.views import require_image
 from clipsearch.webui.thumbnails import DISPLAY_SIZE, RenditionCache
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,7 @@ ORIGINAL_MAX_AGE = 3600
 
 def _row(image_id: int) -> ImageRow:
     """The catalog row of an id whose file still exists, else 404 (never a path from the request)."""
-    row = services().library.catalog.images_by_id([image_id]).get(image_id)
-    if row is None:
-        abort(404, description=f"no image with id {image_id} in the library")
+    row = require_image(services(), image_id)
     if not os.path.isfile(row.path):
         abort(404, description=f"{row.path} no longer exists; run clipsearch index again to update the library")
     return row

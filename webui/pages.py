@@ -58,7 +58,7 @@ def image(image_id: int):
 def status():
     """The library: model, folders, counts, index size, failed files with reasons."""
     svc = services()
-    info = library_status(svc.settings, max_failures=500)
+    info = library_status(svc.settings, max_failures=500, store=svc.searcher.current_store())
     info["renditions_bytes"] = svc.renditions.size_bytes()
     encoder = svc.searcher.loaded_encoder
     return render_template("status.html", info=info, encoder=encoder)
