@@ -247,7 +247,8 @@ def _search_via_server(settings: Settings, query: str | None, like: str | None, 
         return None  # a path: resolved locally, where the CLI's working directory means something
     if not query and like is None:
         return None
-    if server_link.running_server(settings.data_dir) is None:
+    server = server_link.running_server(settings.data_dir)
+    if server is None:
         return None
     if {"model", "pretrained"} & settings.explicit:
         from clipsearch.library import Library
@@ -258,7 +259,7 @@ def _search_via_server(settings: Settings, query: str | None, like: str | None, 
         finally:
             library.close()
     text = query if query is not None else f"like:{like}"
-    answer = server_link.ask_server(settings.data_dir, "/api/search", {"q": text, "k": k}, settings.access_token)
+    answer = server_link.ask_server(server, "/api/search", {"q": text, "k": k}, settings.access_token)
     if answer is None:
         return None
     if "error" in answer:

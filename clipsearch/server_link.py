@@ -73,15 +73,12 @@ def running_server(data_dir: Path, check_alive: bool = True) -> dict[str, Any] |
     return info
 
 
-def ask_server(data_dir: Path, path: str, params: dict[str, Any], token: str | None) -> dict[str, Any] | None:
-    """GET a JSON API path from this library's running server; None when there is none or it cannot answer.
+def ask_server(info: dict[str, Any], path: str, params: dict[str, Any], token: str | None) -> dict[str, Any] | None:
+    """GET a JSON API path from a running server (its `running_server` info); None when it cannot answer.
 
     Errors the server reports about the query itself (4xx) are returned as {"error": ...} so the caller can show
     them; anything else (no server, refused, timeout, 5xx) returns None and the caller searches locally.
     """
-    info = running_server(data_dir)
-    if info is None:
-        return None
     if info.get("token_required") and not token:
         log.debug("the running server needs an access token and none is set: searching locally")
         return None

@@ -44,6 +44,13 @@ class CatalogIdConverter(IntegerConverter):
         super().__init__(url_map, min=0, max=2**63 - 1)
 
 
+# What to do next after a plain HTTP error (clipsearch errors carry their own hints).
+HTTP_HINTS = {
+    404: "image ids come from search results; /api/openapi.json lists the API's routes",
+    405: "/api/openapi.json lists the methods each route takes",
+}
+
+
 def create_app(settings: Settings, encoder: Encoder | None = None, config: Mapping[str, Any] | None = None) -> Flask:
     """A web app over the settings' library; `encoder` replaces the library's model (tests), `config` Flask's config."""
     app = Flask(__name__)
@@ -113,7 +120,7 @@ def _install_error_handlers(app: Flask) -> None:
                                       "use a smaller image (or raise max_upload_mb)")
             return error_response(413, "the form has too many fields or a field that is too long",
                                   "send only the image and the search parameters")
-        return error_response(status, e.description or e.name, None)
+        return error_response(status, e.description or e.name, HTTP_HINTS.get(status))
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
