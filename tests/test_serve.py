@@ -38,9 +38,9 @@ def cli_env(settings) -> dict[str, str]:
 class Server:
     """A `clipsearch serve --port 0` subprocess with the fake encoder registered."""
 
-    def __init__(self, settings, *args: str):
+    def __init__(self, settings, *args: str, env: dict[str, str] | None = None):
         self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", "--port", "0", *args], env=cli_env(settings),
+            [sys.executable, "-c", LAUNCH, "serve", "--port", "0", *args], env=env or cli_env(settings),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
@@ -174,3 +174,15 @@ def test_serve_with_token_requires_it(settings, photo_library):
         assert result.exit_code == 0 and "red" in result.output
     finally:
         running.stop()
+
+
+def test_serve_an_empty_library_without_loading_a_model(settings):
+    from clipsearch.library import Library
+
+    Library(settings).catalog.close()  # the catalog exists (e.g. after `clipsearch status`), but nothing is indexed
+    running = Server(settings, env={**cli_env(settings), "CLIPSEARCH_MODEL": "no-such-model"})  # a model load would fail
+    try:
+        status, _, body = running.get("/")
+        assert status == 200 and b"empty-library" in body
+    finally:
+        assert running.stop() == 0

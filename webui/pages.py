@@ -29,8 +29,8 @@ def search():
     if request.method == "POST":
         # Post/redirect/get: the results page of an upload can be reloaded, paged and bookmarked while it is remembered.
         return redirect(url_for("pages.search", **form.query_args()), code=303)
-    return render_template("search.html", form=form, result=result, options=options,
-                           empty_library=not svc.library.exists, error=None)
+    empty = not svc.library.exists or svc.library.catalog.library_model() is None  # nothing indexed yet
+    return render_template("search.html", form=form, result=result, options=options, empty_library=empty, error=None)
 
 
 def _echo_form() -> SearchForm:

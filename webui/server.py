@@ -39,11 +39,12 @@ def serve(settings: Settings, encoder: Encoder | None = None, *, threads: int = 
     app = create_app(settings, encoder)
     services = app.extensions[EXTENSION_KEY]
     info = {"data_dir": str(settings.data_dir), "model": None, "images": 0}
-    if services.library.exists:
-        # Load and run the model now, so the first query is as fast as the rest.
+    model = services.library.catalog.library_model() if services.library.exists else None
+    if model is not None:
+        # Load and run the model now, so the first query is as fast as the rest. A library with no vectors yet
+        # needs no model: its page explains how to index, and the first search after indexing loads it.
         services.searcher.warm_up()
-        model = services.library.catalog.library_model()
-        info["model"] = model["model_id"] if model else None
+        info["model"] = model["model_id"]
         info["images"] = services.library.catalog.counts()["embeddings"]
         try:
             services.searcher.store()  # build or catch up the vector index before the first query
