@@ -4,11 +4,12 @@ For each size it builds a synthetic catalog in a temporary folder: N 512-d unit 
 30% of them drawn near one of the labels (so about that many photos get a label, as in a real library) and the
 rest random, and a 100-label set whose text classifiers come from a deterministic fake text encoder (random unit
 vectors per text; no model is loaded). It reports, on CPU:
-  classify_s / classify_vectors_per_s   matmul + softmax + thresholds + floors over in-memory vectors, 100k a chunk
+  classify_s / classify_vectors_per_s   calibration + matmul + softmax + strengths + cuts, in-memory vectors
   apply_s / apply_vectors_per_s         clipsearch.search.labels.apply_set end to end: reading the vectors from
-                                        SQLite in chunks, classifying, replacing the set's assignments in one write
-  reapply_s                             the same again (classifiers cached, old assignments deleted first)
+                                        SQLite in chunks, classifying, replacing the set's members in one write
+  reapply_s                             the same again (classifiers cached, old members deleted first)
   apply_new_1000_s                      labelling 1000 "new" photos incrementally (the indexer/watcher hook)
+  review_s                              confirming one photo: the review is stored and the set relabelled
   assigned, build_s (synthetic catalog, not part of any figure), catalog_mb
 and peak RSS (ru_maxrss) before and after the first apply of each size (the apply's own memory: vectors are read
 100k at a time), and for the whole run (the classify-only timing holds every vector in memory at once).
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from clipsearch.catalog import Catalog
-from clipsearch.search import labels
+from clipsearch.search import label_feedback, label_sets, labels
 
 log = logging.getLogger("bench.labels")
 MODEL_ID = "bench-random/v1"
@@ -68,8 +69,8 @@ def build(folder: Path, n: int, n_labels: int, seed: int = 0) -> tuple[Catalog, 
     with catalog.write() as session:
         catalog.set_library_model(session, MODEL_ID, "bench-random", "v1", DIM)
     for i in range(n_labels):
-        labels.add_label(catalog, "bench", f"label {i:03d}")
-    (label_set,) = labels.label_sets(catalog, "bench")
+        label_sets.add_label(catalog, "bench", f"label {i:03d}")
+    (label_set,) = label_sets.label_sets(catalog, "bench")
     classifier = labels.set_classifier(catalog, label_set, MODEL_ID, HashTextEncoder())
     rng = np.random.default_rng(seed)
     raw = catalog.engine.raw_connection()
@@ -101,18 +102,16 @@ def build(folder: Path, n: int, n_labels: int, seed: int = 0) -> tuple[Catalog, 
 
 
 def classify_only(catalog: Catalog, n_labels: int) -> tuple[float, int]:
-    """Seconds to classify every stored vector already in memory (matmul + softmax + thresholds + floors)."""
-    (label_set,) = labels.label_sets(catalog, "bench")
+    """Seconds to score every stored vector already in memory (calibration + matmul + softmax + strengths + cuts)."""
+    (label_set,) = label_sets.label_sets(catalog, "bench")
     classifier = labels.set_classifier(catalog, label_set, MODEL_ID, None)
     chunks = list(labels.iter_vector_chunks(catalog, MODEL_ID))
     started = time.perf_counter()
-    found, samples = 0, []
+    cal = labels.calibrate(catalog, classifier, MODEL_ID, {})
+    found = 0
     for _, vectors in chunks:
-        sims, probs = labels.classify(vectors, classifier)
-        rows, cols = labels._candidates(sims, probs, classifier.thresholds)
-        found += len(rows)
-        samples.append(sims[:: max(1, len(sims) * len(chunks) // labels.FLOOR_SAMPLE)])
-    labels.similarity_floors(np.concatenate(samples))
+        probs, z = cal.score(vectors, classifier)
+        found += int(((probs >= classifier.thresholds) & (z >= cal.cutoff)).sum())
     return time.perf_counter() - started, found
 
 
@@ -134,6 +133,12 @@ def run_size(n: int, n_labels: int) -> dict:
         tick = time.perf_counter()
         labels.apply_new(catalog, new_ids)
         apply_new_s = time.perf_counter() - tick
+        # A review on a label page: record it and relabel the set with the confirmed photo's prototype blended in.
+        top = label_sets.label_photos(catalog, "bench", "label 000", k=1)
+        tick = time.perf_counter()
+        if top:
+            label_feedback.review(catalog, "bench", "label 000", top[0]["id"], "confirm")
+        review_s = time.perf_counter() - tick
         size_mb = (folder / "catalog.sqlite").stat().st_size / 1e6
         catalog.close()
     assigned = sum(report.assigned.values())
@@ -143,7 +148,7 @@ def run_size(n: int, n_labels: int) -> dict:
         "apply_s": round(report.seconds, 3), "apply_vectors_per_s": round(n / report.seconds),
         "apply_classify_part_s": round(report.classify_seconds, 3),
         "reapply_s": round(again.seconds, 3), "apply_new_1000_s": round(apply_new_s, 4),
-        "assigned": assigned, "candidates_before_floor": candidates, "unlabelled": report.unlabelled,
+        "review_s": round(review_s, 3), "assigned": assigned, "classify_only_members": candidates, "unlabelled": report.unlabelled,
         "build_s": round(build_s, 1), "catalog_mb": round(size_mb, 1),
         "peak_rss_mb_before_apply": rss_before, "peak_rss_mb_after_apply": rss_apply,
     }

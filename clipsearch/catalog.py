@@ -184,6 +184,8 @@ class Catalog:
 
         try:
             Base.metadata.create_all(self.engine)
+            with self.engine.begin() as connection:
+                clipsearch.label_tables.drop_legacy_tables(connection)
             self._check_schema()
         except OperationalError as e:
             raise _storage_error(e, self.db_path) from e
@@ -361,8 +363,10 @@ class Catalog:
                 self.set_meta(session, "vector_log_floor", str(up_to))
 
     def filter_ids(self, folder: str | None = None, date_from: datetime | None = None, date_to: datetime | None = None,
-                   formats: Sequence[str] = ()) -> np.ndarray:
-        """Ids of indexed images under a folder, dated in [date_from, date_to) and of the given formats."""
+                   formats: Sequence[str] = (), label_ids: Sequence[int] = ()) -> np.ndarray:
+        """Ids of indexed images under a folder, dated in [date_from, date_to), of the given formats, holding every label."""
+        from clipsearch.label_tables import LabelMemberRow
+
         query = select(ImageRow.id).where(ImageRow.status == STATUS_OK)
         if folder:
             low, high = folder.rstrip("/") + "/", folder.rstrip("/") + "0"  # the range trick of known_under
@@ -374,6 +378,8 @@ class Catalog:
             query = query.where(date < _sqlite_datetime(date_to))
         if formats:
             query = query.where(ImageRow.format.in_([f.upper() for f in formats]))
+        for label_id in label_ids:
+            query = query.where(ImageRow.id.in_(select(LabelMemberRow.image_id).where(LabelMemberRow.label_id == int(label_id))))
         with self.read() as session:
             return np.fromiter(session.scalars(query), dtype=np.int64)
 

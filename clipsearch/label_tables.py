@@ -1,17 +1,17 @@
-"""Catalog tables of zero-shot labels (issue 6): label sets, labels, cached text classifiers, assignments, feedback.
+"""Catalog tables of zero-shot labels: label sets, labels, cached text classifiers, calibrations, members, reviews.
 
 Registered on the catalog's `Base`, so every Catalog creates them (`create_all` adds missing tables to existing
 libraries too). Catalog.__init__ imports this module; this module imports only `Base` and `utcnow` from the catalog.
-Rows are removed by SQLite foreign keys (PRAGMA foreign_keys=ON): deleting an image drops its assignments and
-feedback, deleting a label drops its classifiers, assignments and feedback, deleting a set drops its labels.
-The logic lives in clipsearch.search.labels.
+Rows are removed by SQLite foreign keys (PRAGMA foreign_keys=ON): deleting an image drops its memberships and
+reviews, deleting a label drops its classifiers, calibrations, memberships and reviews, deleting a set drops its labels.
+The logic lives in clipsearch.search.label_sets (editing), .labels (classifying) and .label_feedback (reviews).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from clipsearch.catalog import Base, utcnow
@@ -47,26 +47,57 @@ class LabelClassifierRow(Base):
     key: Mapped[str] = mapped_column(String)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     logit_scale: Mapped[float] = mapped_column(Float)
-    # Adaptive similarity floor measured on the library at the last full apply (reused for new photos).
-    floor: Mapped[float | None] = mapped_column(Float)
 
 
-class LabelAssignmentRow(Base):
-    """A label given to an image: softmax probability within its set, and raw cosine similarity."""
+class LabelCalibrationRow(Base):
+    """How a label's strength is measured for one model, from its last apply over the library and its feedback.
 
-    __tablename__ = "label_assignments"
-    __table_args__ = (Index("ix_label_assignments_label_score", "label_id", "score"),)
+    strength = (1 - proto_weight) x (text similarity - text_median) / text_spread
+               + proto_weight x (similarity to the confirmed photos' prototype - proto_median) / proto_spread
+    and a photo passes when strength >= cutoff. Without feedback: proto_weight 0 and the default cutoff.
+    """
+
+    __tablename__ = "label_calibration"
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String, primary_key=True)
+    text_median: Mapped[float] = mapped_column(Float)
+    text_spread: Mapped[float] = mapped_column(Float)
+    prototype: Mapped[bytes | None] = mapped_column(LargeBinary)  # unit mean of confirmed photos' vectors, or null
+    proto_median: Mapped[float] = mapped_column(Float, default=0.0)
+    proto_spread: Mapped[float] = mapped_column(Float, default=1.0)
+    proto_weight: Mapped[float] = mapped_column(Float, default=0.0)
+    cutoff: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class LabelMemberRow(Base):
+    """A label held by an image: probability within its set, strength (see LabelCalibrationRow), and why."""
+
+    __tablename__ = "label_members"
+    __table_args__ = (Index("ix_label_members_label_strength", "label_id", "strength"),)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True)
-    score: Mapped[float] = mapped_column(Float)
-    similarity: Mapped[float] = mapped_column(Float)
+    probability: Mapped[float] = mapped_column(Float)
+    strength: Mapped[float] = mapped_column(Float)
+    confirmed: Mapped[bool] = mapped_column(Boolean, default=False)  # held because the user confirmed it
 
 
-class LabelFeedbackRow(Base):
-    """A user's verdict on one assignment ('confirm' or 'reject'); storage for the feedback step (not used yet)."""
+class LabelReviewRow(Base):
+    """A user's verdict on a photo holding a label: 'confirm' or 'reject' (feedback for tuning and precision)."""
 
-    __tablename__ = "label_feedback"
+    __tablename__ = "label_reviews"
+    __table_args__ = (Index("ix_label_reviews_label", "label_id"),)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True)
     verdict: Mapped[str] = mapped_column(String)
-    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+# Tables of development builds before label feedback (derived data, or never written): dropped on open.
+LEGACY_TABLES = ("label_assignments", "label_feedback")
+
+
+def drop_legacy_tables(connection) -> None:
+    """Drop label tables an earlier development build created; their content is recomputed by `labels apply`."""
+    for name in LEGACY_TABLES:
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")

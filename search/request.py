@@ -21,17 +21,18 @@ MAX_RELEVANT = 10_000  # sorting by date considers at most this many relevant re
 
 @dataclass(frozen=True)
 class SearchFilters:
-    """Which images may appear: under a folder, within dates (inclusive days), of some file formats."""
+    """Which images may appear: under a folder, within dates (inclusive days), of some file formats, holding labels."""
 
     folder: str | None = None
     date_from: date | None = None
     date_to: date | None = None
     formats: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()  # "SET/LABEL" names; a photo must hold every one
 
     @property
     def active(self) -> bool:
         """Whether any filter is set."""
-        return bool(self.folder or self.date_from or self.date_to or self.formats)
+        return bool(self.folder or self.date_from or self.date_to or self.formats or self.labels)
 
     def sql_range(self) -> tuple[datetime | None, datetime | None]:
         """[start, end) datetimes covering date_from..date_to as whole days."""
@@ -46,12 +47,14 @@ class SearchFilters:
             "date_from": self.date_from.isoformat() if self.date_from else None,
             "date_to": self.date_to.isoformat() if self.date_to else None,
             "formats": list(self.formats),
+            "labels": list(self.labels),
         }
 
     @classmethod
     def parse(cls, folder: str | None = None, date_from: str | None = None, date_to: str | None = None,
-              formats: str | list[str] | tuple[str, ...] | None = None) -> "SearchFilters":
-        """Filters from user text (dates as YYYY-MM-DD, formats comma-separated); QueryError on bad values."""
+              formats: str | list[str] | tuple[str, ...] | None = None,
+              labels: list[str] | tuple[str, ...] | None = None) -> "SearchFilters":
+        """Filters from user text (dates as YYYY-MM-DD, formats comma-separated, labels SET/LABEL); QueryError on bad values."""
         folder = (folder or "").strip() or None
         if folder is not None:
             if "\x00" in folder or not os.path.isabs(folder):
@@ -66,7 +69,13 @@ class SearchFilters:
         for name in names:
             if not name.isalnum() or len(name) > 10:
                 raise QueryError(f"unknown file format {name!r}", "use format names such as JPEG, PNG, HEIF, WEBP")
-        return cls(folder, start, end, names)
+        references = []
+        for reference in labels or ():
+            set_name, sep, label = (reference or "").strip().partition("/")
+            if not sep or not set_name.strip() or not label.strip():
+                raise QueryError(f"label filter {reference[:60]!r} is not SET/LABEL", "e.g. label=scenes/beach")
+            references.append(f"{set_name.strip()}/{label.strip()}")
+        return cls(folder, start, end, names, tuple(sorted(set(references))))
 
 
 def _parse_date(text: str | None, name: str) -> date | None:

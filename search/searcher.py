@@ -18,6 +18,7 @@ from clipsearch.errors import EmptyLibraryError, ImageDecodeError, ModelMismatch
 from clipsearch.library import Library
 from clipsearch.search.query import ParsedQuery, QueryTerm, combine_vectors, parse_query
 from clipsearch.search.relevance import SAMPLE_SIZE, Cutoff, relevance_cutoff
+from clipsearch.search.label_sets import label_ids_of
 from clipsearch.search.request import MAX_RELEVANT, SearchFilters, SearchHit, SearchRequest, SearchResult
 
 FILTER_CACHE_SIZE = 16  # filter results kept (a paged or refined search reuses its filter's ids)
@@ -275,7 +276,8 @@ class Searcher:
                 self._filter_cache.move_to_end(key)
                 return cached
         start, end = filters.sql_range()
-        allowed = catalog.filter_ids(filters.folder, start, end, filters.formats)
+        label_ids = label_ids_of(catalog, filters.labels) if filters.labels else ()
+        allowed = catalog.filter_ids(filters.folder, start, end, filters.formats, label_ids)
         with self._lock:
             self._filter_cache[key] = allowed
             while len(self._filter_cache) > FILTER_CACHE_SIZE:

@@ -414,8 +414,76 @@ def test_content_security_policy_is_enforced_and_reported(browser, server):
 
 def test_pages_log_no_console_errors(browser, server):
     """Every page type, the browser console checked after each (the fixture also checks after every test)."""
-    for path in ("", "?q=red", "?q=red+-blue&sort=newest&relevance=2", "images/1", "similar/2", "status"):
+    for path in ("", "?q=red", "?q=red+-blue&sort=newest&relevance=2", "images/1", "similar/2", "status", "labels"):
         browser.get(server.url + path)
         wait(browser).until(lambda d: d.execute_script("return document.readyState") == "complete")
         problems = console_problems(browser)
         assert not problems, f"/{path}:\n" + "\n".join(problems)
+
+
+def first_visible_undo(cards):
+    return next((c for c in cards if c.find_element(By.CSS_SELECTOR, "button.undo").is_displayed()), None)
+
+
+def label_card_ids(driver) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#label-photos figure.card')).map(e => e.dataset.id)")
+
+
+def test_create_a_label_then_confirm_and_reject_photos(browser, server, library):
+    """Create a label in the UI, see its page fill, review two photos and see the precision estimate follow."""
+    browser.get(server.url + "labels")
+    browser.find_element(By.LINK_TEXT, "Labels")  # the header links here
+    wait(browser).until(EC.element_to_be_clickable((By.ID, "new-label-set"))).send_keys("colours")
+    browser.find_element(By.ID, "new-label-name").send_keys("green")
+    browser.find_element(By.ID, "create-label").click()
+    wait_for_page(browser, lambda path, query: path == "/labels/colours/green")
+    photos = browser.find_elements(By.CSS_SELECTOR, "#label-photos figure.card")
+    found = [p.find_element(By.CSS_SELECTOR, ".name").text for p in photos]
+    assert len(found) == len(library.by_colour["green"]) and all(colour_of(n) == "green" for n in found), found
+    wait_images_loaded(browser, [p.find_element(By.TAG_NAME, "img") for p in photos])
+    precision = browser.find_element(By.ID, "label-precision")
+    assert precision.text.startswith("no reviews yet")
+    assert not first_visible_undo(photos), "undo shows only on reviewed photos"
+
+    first, second = photos[0], photos[1]
+    first.find_element(By.CSS_SELECTOR, "button.confirm").click()
+    wait(browser).until(lambda d: precision.text.startswith("about 100% right: 1 of 1 reviewed photo"), precision.text)
+    assert "reviewed-confirm" in first.get_attribute("class")
+    assert first.find_element(By.CSS_SELECTOR, "button.confirm").get_attribute("aria-pressed") == "true"
+    rejected_id = second.get_attribute("data-id")
+    second.find_element(By.CSS_SELECTOR, "button.reject").click()
+    wait(browser).until(lambda d: precision.text.startswith("about 50% right: 1 of 2 reviewed photos"), precision.text)
+    assert "reviewed-reject" in second.get_attribute("class")
+    assert second.find_element(By.CSS_SELECTOR, "button.undo").is_displayed()
+    assert browser.find_element(By.ID, "rejected-count").text == "1"
+    assert browser.find_element(By.ID, "label-count").text == f"{len(found) - 1} photos"
+    assert browser.current_url.endswith("/labels/colours/green"), "reviews update the page in place"
+
+    browser.refresh()
+    wait(browser).until(EC.presence_of_element_located((By.ID, "label-photos")))
+    assert rejected_id not in label_card_ids(browser)
+    assert browser.find_element(By.ID, "label-precision").text.startswith("about 50% right")
+    browser.find_element(By.PARTIAL_LINK_TEXT, "Rejected").click()
+    wait_for_page(browser, lambda path, query: query.get("reviewed") == ["reject"])
+    assert label_card_ids(browser) == [rejected_id]
+
+    browser.get(server.url + "labels")
+    row = wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".label-row[data-label=green]")))
+    assert "about 50% right (2 reviewed)" in row.text
+    wait_images_loaded(browser, row.find_elements(By.CSS_SELECTOR, ".strip img"))
+
+
+def test_label_names_with_markup_are_shown_as_text(browser, server):
+    name = "<img src=x onerror=alert(1)>"
+    browser.get(server.url + "labels")
+    wait(browser).until(EC.element_to_be_clickable((By.ID, "new-label-set"))).send_keys("markup")
+    browser.find_element(By.ID, "new-label-name").send_keys(name)
+    browser.find_element(By.ID, "new-label-prompts").send_keys("a red photo")
+    browser.find_element(By.ID, "create-label").click()
+    wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".label-page h1"))
+    assert_no_alert(browser)
+    assert browser.find_element(By.CSS_SELECTOR, ".label-page h1").text == name
+    browser.find_element(By.CSS_SELECTOR, "#label-photos button.reject").click()
+    wait(browser).until(lambda d: d.find_element(By.ID, "rejected-count").text == "1")
+    assert_no_alert(browser)

@@ -22,13 +22,14 @@ def catalog(photo_library, settings):
 
 
 def names_of(catalog, set_name, label):
-    from clipsearch.search.labels import label_photos
+    from clipsearch.search.label_sets import label_photos
 
     return sorted(p["path"].rsplit("/", 1)[-1].split(".")[0] for p in label_photos(catalog, set_name, label, k=None))
 
 
 def test_a_red_label_collects_the_red_images(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_set
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_set
 
     add_label(catalog, "colours", "red")
     add_label(catalog, "colours", "blue")
@@ -39,7 +40,8 @@ def test_a_red_label_collects_the_red_images(catalog, fake_encoder):
 
 
 def test_a_set_leaves_unrelated_photos_with_no_label(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_set, labels_of
+    from clipsearch.search.label_sets import add_label, labels_of
+    from clipsearch.search.labels import apply_set
 
     for colour in ("red", "blue", "green"):
         add_label(catalog, "rgb", colour)
@@ -50,7 +52,7 @@ def test_a_set_leaves_unrelated_photos_with_no_label(catalog, fake_encoder):
     for name in ("yellow1", "grey1", "white1", "black1", "purple1", "cyan1"):
         assert labels_of(catalog, by_path[name]) == [], name  # "none of these"
     (only,) = labels_of(catalog, by_path["red1"])
-    assert only["label"] == "red" and only["set"] == "rgb" and 0.5 <= only["score"] <= 1.0
+    assert only["label"] == "red" and only["set"] == "rgb" and 0.5 <= only["probability"] <= 1.0
 
 
 def _images(catalog):
@@ -63,7 +65,8 @@ def _images(catalog):
 
 
 def test_photos_can_hold_labels_of_several_sets(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_all
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_all
 
     add_label(catalog, "warm", "red")
     add_label(catalog, "bright", "red", prompts=["red things"])
@@ -74,7 +77,8 @@ def test_photos_can_hold_labels_of_several_sets(catalog, fake_encoder):
 
 
 def test_prompts_override_the_name(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_set
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_set
 
     add_label(catalog, "s", "warm colour", prompts=["a red photo", "something red"])
     add_label(catalog, "s", "sky", prompts=["a blue photo"])
@@ -84,7 +88,8 @@ def test_prompts_override_the_name(catalog, fake_encoder):
 
 
 def test_prompt_with_braces_takes_the_name(catalog, fake_encoder):
-    from clipsearch.search.labels import LabelSpec, label_texts
+    from clipsearch.search.label_sets import LabelSpec
+    from clipsearch.search.labels import label_texts
 
     assert label_texts(LabelSpec("red", ["a {} car", "plain"]), None) == ["a red car", "plain"]
     assert label_texts(LabelSpec("red"), ["x {} y"]) == ["x red y"]
@@ -92,7 +97,8 @@ def test_prompt_with_braces_takes_the_name(catalog, fake_encoder):
 
 
 def test_classifier_cache_hits_and_invalidates(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_set
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_set
 
     add_label(catalog, "s", "red")
     add_label(catalog, "s", "blue", prompts=["a blue thing"])
@@ -111,7 +117,8 @@ def test_classifier_cache_hits_and_invalidates(catalog, fake_encoder):
 
 
 def test_classifier_is_recomputed_for_another_model(catalog, fake_encoder):
-    from clipsearch.search.labels import LabelSet, add_label, label_sets, set_classifier
+    from clipsearch.search.label_sets import LabelSet, add_label, label_sets
+    from clipsearch.search.labels import set_classifier
 
     add_label(catalog, "s", "red")
     (label_set,) = label_sets(catalog, "s")
@@ -124,7 +131,8 @@ def test_classifier_is_recomputed_for_another_model(catalog, fake_encoder):
 
 
 def test_reapplying_replaces_old_assignments(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_set, remove
+    from clipsearch.search.label_sets import add_label, remove
+    from clipsearch.search.labels import apply_set
 
     add_label(catalog, "s", "red")
     add_label(catalog, "s", "blue")
@@ -141,7 +149,8 @@ def test_reapplying_replaces_old_assignments(catalog, fake_encoder):
 
 
 def test_thresholds_allow_several_labels_of_a_set_or_none(catalog, fake_encoder):
-    from clipsearch.search.labels import add_label, apply_set
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_set
 
     # Two labels meaning the same thing split a red photo's probability about evenly.
     add_label(catalog, "s", "red", threshold=0.4)
@@ -160,7 +169,8 @@ def test_thresholds_allow_several_labels_of_a_set_or_none(catalog, fake_encoder)
 
 def test_deleted_images_drop_their_assignments(catalog, fake_encoder, photo_library, settings):
     from clipsearch.indexer.run import index_folders
-    from clipsearch.search.labels import add_label, apply_set
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_set
 
     add_label(catalog, "s", "red")
     add_label(catalog, "s", "blue")
@@ -172,7 +182,8 @@ def test_deleted_images_drop_their_assignments(catalog, fake_encoder, photo_libr
 
 def test_apply_new_labels_new_photos_with_cached_classifiers(catalog, fake_encoder, photo_library, settings, tmp_path):
     from clipsearch.indexer.run import index_folders
-    from clipsearch.search.labels import add_label, apply_new, apply_set
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_new, apply_set
     from tests.fakes import make_image
 
     add_label(catalog, "s", "red")
@@ -193,7 +204,8 @@ def test_apply_new_labels_new_photos_with_cached_classifiers(catalog, fake_encod
 
 def test_empty_library_and_unknown_names(settings, fake_encoder):
     from clipsearch.library import Library
-    from clipsearch.search.labels import add_label, apply_set, label_photos, label_sets
+    from clipsearch.search.label_sets import add_label, label_photos, label_sets
+    from clipsearch.search.labels import apply_set
 
     library = Library(settings)
     try:
@@ -212,7 +224,7 @@ def test_empty_library_and_unknown_names(settings, fake_encoder):
 
 
 def test_presets_load_and_install(catalog):
-    from clipsearch.search.labels import install_preset, label_sets, presets
+    from clipsearch.search.label_sets import install_preset, label_sets, presets
 
     shipped = presets()
     assert {"scenes", "objects", "documents", "pets"} <= set(shipped)
@@ -226,20 +238,6 @@ def test_presets_load_and_install(catalog):
     assert {s.name for s in label_sets(catalog)} == set(shipped)
     with pytest.raises(ConfigError):
         install_preset(catalog, "nope")
-
-
-def test_classify_is_a_softmax_within_the_set():
-    from clipsearch.search.labels import Classifier, LabelSpec, classify, similarity_floors
-
-    matrix = np.eye(3, 4, dtype=np.float32)
-    classifier = Classifier([LabelSpec("a"), LabelSpec("b"), LabelSpec("c")], matrix, 100.0, np.full(3, np.nan))
-    vectors = np.array([[1, 0, 0, 0], [0, 0, 0, 1]], np.float32)
-    sims, probs = classify(vectors, classifier)
-    assert np.allclose(probs.sum(axis=1), 1.0)
-    assert probs[0, 0] > 0.99 and np.allclose(probs[1], 1 / 3)
-    assert np.allclose(sims[0], [1, 0, 0])
-    floors = similarity_floors(np.array([[0.1], [0.2], [0.2], [0.3], [0.9]]))
-    assert 0.2 < floors[0] < 0.9
 
 
 def test_logit_scale_of_models():

@@ -146,7 +146,7 @@ def test_every_operation_documents_errors_and_parameters(document):
             for name in re.findall(r"{(\w+)}", path):
                 assert any(p["name"] == name and p["in"] == "path" for p in op["parameters"]), (path, name)
     search = {p["name"]: p["schema"] for p in document["paths"]["/api/search"]["get"]["parameters"]}
-    assert set(search) == {"q", "k", "offset", "sort", "relevance", "folder", "from", "to", "type", "upload"}
+    assert set(search) == {"q", "k", "offset", "sort", "relevance", "folder", "from", "to", "type", "label", "upload"}
     assert (search["k"]["minimum"], search["k"]["maximum"]) == (1, 500)
     assert (search["offset"]["minimum"], search["offset"]["maximum"]) == (0, 10_000)
     assert search["relevance"]["default"] == 3 and search["sort"]["enum"] == ["relevance", "newest", "oldest"]

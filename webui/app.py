@@ -14,6 +14,7 @@ from clipsearch.config import Settings
 from clipsearch.encoders import Encoder
 from clipsearch.errors import (
     ClipsearchError,
+    ConfigError,
     EmptyLibraryError,
     LibraryBusyError,
     LibraryError,
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 # HTTP status of each kind of clipsearch error; anything else is a 500 (logged, never shown with a traceback).
 ERROR_STATUS: tuple[tuple[type[ClipsearchError], int], ...] = (
     (QueryError, 400),
+    (ConfigError, 400),  # in a request: a label name, prompt or threshold the user gave
     (EmptyLibraryError, 409),
     (ModelMismatchError, 409),
     (LibraryBusyError, 503),
@@ -73,11 +75,13 @@ def create_app(settings: Settings, encoder: Encoder | None = None, config: Mappi
         app.config["SECRET_KEY"] = security.load_secret_key(settings.data_dir)
     app.extensions[EXTENSION_KEY] = Services.create(settings, encoder)
 
-    from clipsearch.webui import api, media, pages
+    from clipsearch.webui import api, label_api, label_pages, media, pages
 
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(media.blueprint)
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(label_pages.blueprint)
+    app.register_blueprint(label_api.blueprint)
     security.install(app)
     _install_error_handlers(app)
 

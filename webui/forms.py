@@ -28,7 +28,7 @@ class SearchForm:
     strictness: float
     request: SearchRequest | None  # None when there is nothing to search for yet
 
-    def query_args(self, **changes) -> dict[str, str]:
+    def query_args(self, **changes) -> dict[str, str | list[str]]:
         """URL parameters reproducing this search (minus defaults), with some changed: for paging and links."""
         filters = self.filters
         args = {
@@ -38,10 +38,11 @@ class SearchForm:
             "from": filters.date_from.isoformat() if filters.date_from else "",
             "to": filters.date_to.isoformat() if filters.date_to else "",
             "type": ",".join(filters.formats),
+            "label": list(filters.labels),
             "sort": self.sort if self.sort != "relevance" else "",
             "relevance": f"{self.strictness:g}" if self.strictness != DEFAULT_STRICTNESS else "",
         }
-        args.update({key: str(value) for key, value in changes.items()})
+        args.update({key: value if isinstance(value, list) else str(value) for key, value in changes.items()})
         return {key: value for key, value in args.items() if value}
 
 
@@ -102,7 +103,9 @@ def parse_search(args, services: Services, default_k: int, upload_data: bytes | 
     sort = (args.get("sort") or "relevance").strip().lower()
     if sort not in SORTS:
         raise QueryError(f"unknown sort {sort[:40]!r}", f"use one of: {', '.join(SORTS)}")
-    filters = SearchFilters.parse(args.get("folder"), args.get("from"), args.get("to"), formats_from(args))
+    labels = args.getlist("label") if hasattr(args, "getlist") else [args.get("label") or ""]
+    filters = SearchFilters.parse(args.get("folder"), args.get("from"), args.get("to"), formats_from(args),
+                                  [label for label in labels if label])
     k = integer(args, "k", default_k, 1, MAX_K)
     offset = integer(args, "offset", 0, 0, MAX_OFFSET)
     strictness = number(args, "relevance", DEFAULT_STRICTNESS)

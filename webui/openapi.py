@@ -10,10 +10,11 @@ from clipsearch import __version__
 from clipsearch.search.query import MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT
 from clipsearch.search.relevance import DEFAULT_STRICTNESS, MAX_STRICTNESS, MIN_STRICTNESS
 from clipsearch.search.request import MAX_K, MAX_OFFSET, SORTS
+from clipsearch.webui.openapi_labels import label_paths, label_schemas
+from clipsearch.webui.openapi_parts import (Schema, array, integer, nullable, number, obj, operation, ref,
+                                           responses, string)
 from clipsearch.webui.services import UPLOADS_KEPT
 from clipsearch.webui.views import NEIGHBOURS
-
-Schema = dict[str, Any]
 
 DEFAULT_K = 20  # the `top_k` setting's default; a server may be configured otherwise
 MAX_FAILURES = 100_000
@@ -46,50 +47,6 @@ Errors are JSON: `{{"error": {{"code", "message", "hint"}}}}`.
 """
 
 
-def ref(name: str) -> Schema:
-    """A reference to a schema under components/schemas."""
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def nullable(schema: Schema) -> Schema:
-    """The schema or null."""
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def obj(properties: dict[str, Schema], optional: tuple[str, ...] = (), description: str | None = None) -> Schema:
-    """A closed object: every property required unless named optional, no others allowed."""
-    schema: Schema = {"type": "object"}
-    if description:
-        schema["description"] = description
-    schema["properties"] = properties
-    schema["required"] = [name for name in properties if name not in optional]
-    schema["additionalProperties"] = False
-    return schema
-
-
-def string(description: str, **extra: Any) -> Schema:
-    """A described string."""
-    return {"type": "string", "description": description, **extra}
-
-
-def integer(description: str, minimum: int | None = 0, **extra: Any) -> Schema:
-    """A described integer, by default non-negative."""
-    schema: Schema = {"type": "integer", "description": description, **extra}
-    if minimum is not None:
-        schema["minimum"] = minimum
-    return schema
-
-
-def number(description: str, **extra: Any) -> Schema:
-    """A described number."""
-    return {"type": "number", "description": description, **extra}
-
-
-def array(items: Schema, description: str, **extra: Any) -> Schema:
-    """A described array."""
-    return {"type": "array", "description": description, "items": items, **extra}
-
-
 # --- parameters ----------------------------------------------------------------------------------
 
 
@@ -119,6 +76,8 @@ def search_fields() -> dict[str, tuple[Schema, str]]:
         "type": ({"type": "array", "items": {"type": "string"}},
                  "Only these file formats (JPEG, PNG, HEIF, WEBP..., case-insensitive): repeat the parameter or give a "
                  "comma-separated list."),
+        "label": ({"type": "array", "items": {"type": "string", "pattern": "^[^/]+/.+$"}},
+                  "Only photos holding this label, as SET/LABEL (repeat for photos holding several)."),
         "upload": ({"type": "string", "pattern": UPLOAD_ID},
                    "Search again by an image uploaded before: the `upload_id` of that answer (the server keeps the "
                    f"latest {UPLOADS_KEPT} uploads)."),
@@ -163,53 +122,6 @@ def search_body() -> Schema:
             "application/x-www-form-urlencoded": {"schema": form, "encoding": {"type": {"style": "form", "explode": True}}},
         },
     }
-
-
-# --- responses -----------------------------------------------------------------------------------
-
-ERROR_MEANINGS = {
-    400: "A bad parameter, a malformed query, an unknown image or an upload that is not an image.",
-    401: "The server has an access token and the request did not present it.",
-    404: "No such image id (or not a whole number).",
-    409: "The library has no indexed images yet, or its vectors come from another model.",
-    413: "The request body (the upload) is larger than the server's `max_upload_mb`, or a form field is too large.",
-    500: "An unexpected failure (details in the server log).",
-    503: "The library is busy (being rebuilt), cannot be opened, or the model weights are unavailable.",
-}
-
-
-def json_content(schema: Schema) -> dict[str, Any]:
-    """A JSON media type with that schema."""
-    return {"application/json": {"schema": schema}}
-
-
-def error_responses(*codes: int) -> dict[str, Any]:
-    """The error answers of the given statuses plus those any call can get (401, 500)."""
-    answers: dict[str, Any] = {}
-    for code in sorted({401, 500, *codes}):
-        answer: dict[str, Any] = {"description": ERROR_MEANINGS[code], "content": json_content(ref("Error"))}
-        if code == 401:
-            challenge = {"description": 'Bearer realm="clipsearch"', "schema": {"type": "string"}}
-            answer["headers"] = {"WWW-Authenticate": challenge}
-        answers[str(code)] = answer
-    return answers
-
-
-def responses(ok: Schema, description: str, *errors: int) -> dict[str, Any]:
-    """A 200 answer with that schema, plus the error answers."""
-    return {"200": {"description": description, "content": json_content(ok)}, **error_responses(*errors)}
-
-
-def operation(op_id: str, tag: str, summary: str, description: str, answers: dict[str, Any],
-              parameters: list[Schema] | None = None, body: Schema | None = None) -> Schema:
-    """One operation of the API."""
-    op: Schema = {"operationId": op_id, "tags": [tag], "summary": summary, "description": description}
-    if parameters:
-        op["parameters"] = parameters
-    if body:
-        op["requestBody"] = body
-    op["responses"] = answers
-    return op
 
 
 def paths() -> dict[str, Any]:
@@ -309,6 +221,7 @@ def schemas() -> dict[str, Schema]:
             "date_from": nullable({**date, "description": "First day."}),
             "date_to": nullable({**date, "description": "Last day."}),
             "formats": array({"type": "string"}, "File formats, upper case, sorted (empty: all)."),
+            "labels": array({"type": "string"}, "Labels (SET/LABEL) a photo must hold, sorted (empty: any)."),
         }, description="The filters applied."),
         "Cutoff": obj({
             "threshold": nullable(number("Scores at or above this count as relevant (null: no cutoff could be computed).")),
@@ -353,6 +266,7 @@ def schemas() -> dict[str, Schema]:
             "file_exists": {"type": "boolean", "description": "Whether the file is still on disk."},
             "camera": ref("Camera"),
             "urls": ref("Urls"),
+            "labels": array(ref("ImageLabel"), "The labels the photo holds."),
             "neighbours": array(ref("Hit"), "The most similar photos.", maxItems=NEIGHBOURS),
         }, description="One catalog image."),
         "FilterOptions": obj({
@@ -363,6 +277,10 @@ def schemas() -> dict[str, Schema]:
                         "description": "Indexed images per file format."},
             "date_range": nullable({"type": "array", "prefixItems": [date, date], "items": False, "minItems": 2,
                                     "description": "[oldest, newest] photo day."}),
+            "labels": array(obj({"set": string("Set name."), "labels": array(
+                {"type": "array", "prefixItems": [{"type": "string"}, {"type": "string"}, {"type": "integer", "minimum": 0}],
+                 "items": False, "minItems": 3}, "[SET/LABEL, label name, photos] of labels some photo holds.")}),
+                            "Labels to filter by, per set."),
         }, description="The values the search filters offer."),
         "Status": obj({
             "data_dir": string("The library folder on the server."),
@@ -396,11 +314,12 @@ def _document() -> Schema:
         "info": {"title": "clipsearch", "version": __version__, "summary": "Self-hosted semantic photo search with CLIP.",
                  "description": DESCRIPTION, "license": {"name": "MIT", "identifier": "MIT"}},
         "servers": [{"url": "/", "description": "This server."}],
-        "tags": [{"name": "search", "description": "Searches."}, {"name": "library", "description": "The library."}],
+        "tags": [{"name": "search", "description": "Searches."}, {"name": "library", "description": "The library."},
+                 {"name": "labels", "description": "Zero-shot labels and their reviews."}],
         "security": [{}, {"bearerAuth": []}],
-        "paths": paths(),
+        "paths": {**paths(), **label_paths()},
         "components": {
-            "schemas": schemas(),
+            "schemas": {**schemas(), **label_schemas()},
             "securitySchemes": {"bearerAuth": {
                 "type": "http", "scheme": "bearer",
                 "description": "The server's access token; only needed when the server has one configured.",

@@ -26,6 +26,22 @@ CONTENT_SECURITY_POLICY = (
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 OPEN_ENDPOINTS = frozenset({"pages.login", "static"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_cross_site() -> bool:
+    """Whether a request was sent by a page of another site (a browser says so in Sec-Fetch-Site or Origin).
+
+    A server on 127.0.0.1 without a token is reachable by any page the user visits: such a page could post a form
+    that edits labels. Browsers label those requests; scripts and curl send neither header and are not affected.
+    """
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    if origin is None or origin == "null":
+        return origin == "null"
+    return urlsplit(origin).netloc.lower() != request.host.lower()
 
 
 def is_loopback(host: str) -> bool:
@@ -104,6 +120,15 @@ def safe_next(target: str | None) -> str:
 
 def install(app: Flask) -> None:
     """Register the access check and the security headers on an app."""
+
+    @app.before_request
+    def refuse_cross_site_changes():
+        if request.method not in SAFE_METHODS and is_cross_site():
+            response = jsonify(error={"code": 403, "message": "a page of another site tried to change this library",
+                                      "hint": "make changes from clipsearch's own pages or with an API client"})
+            response.status_code = 403
+            return response
+        return None
 
     @app.before_request
     def require_access():

@@ -15,6 +15,7 @@ from flask import current_app
 from clipsearch.config import Settings
 from clipsearch.encoders import Encoder
 from clipsearch.library import Library
+from clipsearch.search.label_sets import label_sets
 from clipsearch.search.searcher import Searcher
 from clipsearch.webui.thumbnails import RenditionCache
 
@@ -78,7 +79,7 @@ class Services:
     def filter_options(self) -> dict[str, Any]:
         """Folders, formats and date range the filters offer, recomputed only when the catalog changed."""
         if not self.library.exists:
-            return {"folders": [], "formats": {}, "date_range": None}
+            return {"folders": [], "formats": {}, "date_range": None, "labels": []}
         catalog = self.library.catalog
         version = catalog.version()  # moves and renames change folders without changing any vector
         with self._filter_lock:
@@ -90,6 +91,11 @@ class Services:
                 "folders": catalog.folders(depth=1),
                 "formats": catalog.formats(),
                 "date_range": (dates[0].date().isoformat(), dates[1].date().isoformat()) if dates else None,
+                # Labels some photo holds, as SET/LABEL with counts, grouped by set.
+                "labels": [{"set": label_set.name,
+                            "labels": [[f"{label_set.name}/{label.name}", label.name, label.count]
+                                       for label in label_set.labels if label.count]}
+                           for label_set in label_sets(catalog) if any(label.count for label in label_set.labels)],
             }
             self._filter_cache = (version, options)
             return options

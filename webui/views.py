@@ -9,6 +9,7 @@ from flask import abort, request, url_for
 
 from clipsearch.catalog import STATUS_OK, ImageRow, file_time
 from clipsearch.errors import QueryError
+from clipsearch.search.label_sets import labels_of
 from clipsearch.search.query import ParsedQuery, QueryTerm
 from clipsearch.search.request import SearchHit, SearchRequest, SearchResult
 from clipsearch.webui.forms import SearchForm, parse_search
@@ -56,6 +57,13 @@ def hit_urls(image_id: int) -> dict[str, str]:
     }
 
 
+def label_urls(set_name: str, name: str) -> dict[str, str]:
+    """Links of one label: its page, its JSON twin, and a search filtered to it."""
+    return {"page": url_for("label_pages.label", set_name=set_name, name=name),
+            "api": url_for("label_api.label", set_name=set_name, name=name),
+            "search": url_for("pages.search", label=f"{set_name}/{name}")}
+
+
 def hit_json(hit: SearchHit) -> dict[str, Any]:
     """A result as the API returns it: catalog facts, file name and URLs."""
     data = hit.as_dict()
@@ -95,6 +103,8 @@ def image_details(services: Services, image_id: int, with_neighbours: bool = Tru
         "file_exists": exists,
         "camera": camera_info(row.path) if exists else {},
         "urls": hit_urls(row.id),
+        "labels": [{**held, "urls": label_urls(held["set"], held["label"])}
+                   for held in labels_of(services.library.catalog, row.id)],
         "neighbours": [],
     }
     if with_neighbours and row.status == STATUS_OK:
