@@ -119,6 +119,7 @@ class Indexer:
                 self._remove_gone()
                 if changes is None:  # only a whole walk tells when a root was last seen complete
                     self._touch_roots(roots)
+                self._label_uncalibrated()
         except BaseException:
             self.report.seconds = time.perf_counter() - started
             try:  # keep what was committed searchable, but report the original error
@@ -328,6 +329,16 @@ class Indexer:
             apply_new(self.catalog, image_ids)
         except Exception as e:  # labels are derived: `clipsearch labels apply` recomputes them
             log.warning("could not label %d new photos (%s); run `clipsearch labels apply`", len(image_ids), e)
+
+    def _label_uncalibrated(self) -> None:
+        """Label the library with sets never applied with this model (after --reembed): new photos alone cannot."""
+        from clipsearch.search.labels import apply_uncalibrated
+
+        try:
+            for report in apply_uncalibrated(self.catalog, self.encoder):
+                log.info("labels: applied %s to %d photos", report.set_name, report.images)
+        except Exception as e:  # labels are derived: `clipsearch labels apply` recomputes them
+            log.warning("could not apply the label sets (%s); run `clipsearch labels apply`", e)
 
     def _record_failure(self, session, failure: Failed, now) -> None:
         c = failure.candidate

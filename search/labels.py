@@ -401,6 +401,19 @@ def apply_all(catalog: Catalog, encoder: EncoderSource = None, chunk: int = CHUN
             for label_set in label_sets(catalog, with_counts=False) if label_set.labels]
 
 
+def apply_uncalibrated(catalog: Catalog, encoder: EncoderSource = None) -> list[ApplyReport]:
+    """Apply every set not yet applied with the library's model (after --reembed, or sets added but never applied)."""
+    model = catalog.library_model()
+    sets = [label_set for label_set in label_sets(catalog, with_counts=False) if label_set.labels] if model else []
+    if not sets:
+        return []
+    with catalog.read() as session:
+        calibrated = set(session.scalars(select(LabelCalibrationRow.label_id)
+                                         .where(LabelCalibrationRow.model == model["model_id"])))
+    return [apply_set(catalog, label_set.name, encoder) for label_set in sets
+            if any(label.id not in calibrated for label in label_set.labels)]
+
+
 def apply_new(catalog: Catalog, image_ids: Sequence[int], encoder: EncoderSource = None) -> dict[str, int]:
     """Label photos just indexed, with every set: {set: labels given}. Hook for the indexer and the watcher.
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select
 
 from clipsearch.cli import main
 from clipsearch.errors import ConfigError, EmptyLibraryError, QueryError
@@ -317,3 +317,35 @@ def test_labels_help_does_not_import_heavy_libraries():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+def test_reembedding_relabels_the_library_with_the_new_model(catalog, fake_encoder, photo_library, settings):
+    from clipsearch.encoders import EncoderSpec
+    from clipsearch.indexer.run import index_folders
+    from clipsearch.label_tables import LabelCalibrationRow
+    from clipsearch.search.label_sets import add_label
+    from clipsearch.search.labels import apply_set
+    from tests.fakes import ColorWordEncoder
+
+    add_label(catalog, "s", "red")
+    add_label(catalog, "s", "blue")
+    apply_set(catalog, "s", fake_encoder)
+    new_model = ColorWordEncoder(EncoderSpec("test-colors", "v2"))
+    index_folders(settings, [photo_library["home/red1.png"].parents[1]], reembed=True, encoder=new_model)
+    assert catalog.library_model()["model_id"] == "test-colors/v2"
+    with catalog.read() as session:
+        models = set(session.scalars(select(LabelCalibrationRow.model)))
+    assert "test-colors/v2" in models
+    assert names_of(catalog, "s", "red") == ["red1", "red2", "red3"]
+    assert names_of(catalog, "s", "blue") == ["blue1", "blue2"]
+
+
+def test_indexing_applies_sets_never_applied(catalog, fake_encoder, photo_library, settings):
+    from clipsearch.indexer.run import index_folders
+    from clipsearch.search.label_sets import add_label
+
+    add_label(catalog, "s", "red")
+    add_label(catalog, "s", "blue")
+    assert names_of(catalog, "s", "red") == []
+    index_folders(settings, [photo_library["home/red1.png"].parents[1]], encoder=fake_encoder)
+    assert names_of(catalog, "s", "red") == ["red1", "red2", "red3"]
