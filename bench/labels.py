@@ -10,6 +10,7 @@ vectors per text; no model is loaded). It reports, on CPU:
   reapply_s                             the same again (classifiers cached, old members deleted first)
   apply_new_1000_s                      labelling 1000 "new" photos incrementally (the indexer/watcher hook)
   review_s                              confirming one photo: the review is stored and the set relabelled
+  overview_s                            the /labels page's queries: every label's count and top 6 photos
   assigned, build_s (synthetic catalog, not part of any figure), catalog_mb
 and peak RSS (ru_maxrss) before and after the first apply of each size (the apply's own memory: vectors are read
 100k at a time), and for the whole run (the classify-only timing holds every vector in memory at once).
@@ -133,6 +134,10 @@ def run_size(n: int, n_labels: int) -> dict:
         tick = time.perf_counter()
         labels.apply_new(catalog, new_ids)
         apply_new_s = time.perf_counter() - tick
+        tick = time.perf_counter()  # the /labels page: counts of every label and the top photos of each
+        (bench_set,) = label_sets.label_sets(catalog, "bench")
+        label_sets.top_photo_ids(catalog, [label.id for label in bench_set.labels], 6)
+        overview_s = time.perf_counter() - tick
         # A review on a label page: record it and relabel the set with the confirmed photo's prototype blended in.
         top = label_sets.label_photos(catalog, "bench", "label 000", k=1)
         tick = time.perf_counter()
@@ -148,7 +153,7 @@ def run_size(n: int, n_labels: int) -> dict:
         "apply_s": round(report.seconds, 3), "apply_vectors_per_s": round(n / report.seconds),
         "apply_classify_part_s": round(report.classify_seconds, 3),
         "reapply_s": round(again.seconds, 3), "apply_new_1000_s": round(apply_new_s, 4),
-        "review_s": round(review_s, 3), "assigned": assigned, "classify_only_members": candidates, "unlabelled": report.unlabelled,
+        "review_s": round(review_s, 3), "overview_s": round(overview_s, 3), "assigned": assigned, "classify_only_members": candidates, "unlabelled": report.unlabelled,
         "build_s": round(build_s, 1), "catalog_mb": round(size_mb, 1),
         "peak_rss_mb_before_apply": rss_before, "peak_rss_mb_after_apply": rss_apply,
     }
