@@ -1,4 +1,4 @@
-"""Catalog tables of zero-shot labels: label sets, labels, cached text classifiers, calibrations, members, reviews.
+"""Catalog tables of zero-shot labels: label sets, labels, cached text classifiers, calibrations, candidates, members, reviews.
 
 Registered on the catalog's `Base`, so every Catalog creates them (`create_all` adds missing tables to existing
 libraries too). Catalog.__init__ imports this module; this module imports only `Base` and `utcnow` from the catalog.
@@ -80,6 +80,17 @@ class LabelMemberRow(Base):
     probability: Mapped[float] = mapped_column(Float)
     strength: Mapped[float] = mapped_column(Float)
     confirmed: Mapped[bool] = mapped_column(Boolean, default=False)  # held because the user confirmed it
+
+
+class LabelCandidateRow(Base):
+    """A photo passing a label's probability threshold within its set (which reviews never change): the photos a
+    review has to rescore, so that a review reads these vectors rather than the whole library's."""
+
+    __tablename__ = "label_candidates"
+    __table_args__ = (Index("ix_label_candidates_label", "label_id"),)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True)
+    probability: Mapped[float] = mapped_column(Float)
 
 
 class LabelReviewRow(Base):

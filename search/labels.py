@@ -31,7 +31,8 @@ from sqlalchemy import delete, select
 
 from clipsearch.catalog import Catalog, EmbeddingRow, vector_to_blob
 from clipsearch.errors import ConfigError, EmptyLibraryError
-from clipsearch.label_tables import LabelCalibrationRow, LabelClassifierRow, LabelMemberRow, LabelReviewRow
+from clipsearch.label_tables import (LabelCalibrationRow, LabelCandidateRow, LabelClassifierRow, LabelMemberRow,
+                                     LabelReviewRow)
 from clipsearch.search import label_calibration as calib
 from clipsearch.search.label_sets import LabelSet, LabelSpec, label_sets
 from clipsearch.search.zeroshot import DEFAULT_TEMPLATES, class_embeddings
@@ -207,38 +208,64 @@ def reviews_of(catalog: Catalog, label_ids: Sequence[int], image_ids: Sequence[i
     return out
 
 
+def build_prototypes(catalog: Catalog, model_id: str, labels: Sequence[LabelSpec], reviews: Reviews,
+                     dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prototypes [L, d], weights [L]) of the labels' confirmed photos (zero rows and weights without any)."""
+    prototypes, weights = np.zeros((len(labels), dim), np.float32), np.zeros(len(labels))
+    confirmed = sorted({i for label in labels for i in reviews.get(label.id, ([], []))[0]})
+    if not confirmed:
+        return prototypes, weights
+    ids, vectors = catalog.vectors(model_id, confirmed)
+    row_of = {int(i): n for n, i in enumerate(ids)}
+    for n, label in enumerate(labels):
+        rows = [row_of[i] for i in reviews.get(label.id, ([], []))[0] if i in row_of]
+        unit = calib.prototype(vectors[rows]) if rows else None
+        if unit is not None:
+            prototypes[n], weights[n] = unit, calib.prototype_weight(len(rows))
+    return prototypes, weights
+
+
+def prototype_stats(sample: np.ndarray, prototypes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(median, spread) of each prototype's similarities over the library sample; (0, 1) for unused prototypes."""
+    median, spread = np.zeros(len(weights)), np.ones(len(weights))
+    used = np.asarray(weights) > 0
+    if used.any():
+        median[used], spread[used] = calib.robust_stats(sample @ prototypes[used].T)
+    return median, spread
+
+
+def tune_cutoffs(catalog: Catalog, model_id: str, classifier: Classifier, cal: Calibration, reviews: Reviews,
+                 columns: Sequence[int] | None = None) -> None:
+    """Set the cutoff of each label (or of the given columns) from its reviewed photos' strengths."""
+    columns = range(len(classifier.labels)) if columns is None else columns
+    groups = {n: reviews.get(classifier.labels[n].id, ([], [])) for n in columns}
+    reviewed = sorted({i for confirmed, rejected in groups.values() for i in (*confirmed, *rejected)})
+    z = np.zeros((0, len(classifier.labels)))
+    row_of: dict[int, int] = {}
+    if reviewed:
+        ids, vectors = catalog.vectors(model_id, reviewed)
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        _, z = cal.score(vectors, classifier)
+    for n, (confirmed, rejected) in groups.items():
+        cal.cutoff[n] = calib.tune_cutoff([z[row_of[i], n] for i in confirmed if i in row_of],
+                                          [z[row_of[i], n] for i in rejected if i in row_of])
+
+
 def calibrate(catalog: Catalog, classifier: Classifier, model_id: str, reviews: Reviews,
               rng_seed: int = 0) -> Calibration:
     """Measure each label on a library sample, build confirmed-photo prototypes, tune cutoffs from the reviews."""
-    labels = classifier.labels
     n_labels, dim = classifier.matrix.shape
-    prototypes = np.zeros((n_labels, dim), np.float32)
-    weights = np.zeros(n_labels)
-    reviewed = sorted({i for label in labels for group in reviews.get(label.id, ([], [])) for i in group})
-    reviewed_ids, reviewed_vectors = catalog.vectors(model_id, reviewed) if reviewed else (np.zeros(0, np.int64), None)
-    row_of = {int(i): n for n, i in enumerate(reviewed_ids)}
-    for n, label in enumerate(labels):
-        rows = [row_of[i] for i in reviews.get(label.id, ([], []))[0] if i in row_of]
-        unit = calib.prototype(reviewed_vectors[rows]) if rows else None
-        if unit is not None:
-            prototypes[n], weights[n] = unit, calib.prototype_weight(len(rows))
-    sample = _library_sample(catalog, model_id, rng_seed)
+    prototypes, weights = build_prototypes(catalog, model_id, classifier.labels, reviews, dim)
+    sample = library_sample(catalog, model_id, rng_seed)
     text_median, text_spread = calib.robust_stats(sample @ classifier.matrix.T)
-    proto_median, proto_spread = np.zeros(n_labels), np.ones(n_labels)
-    if weights.any():
-        proto_median, proto_spread = calib.robust_stats(sample @ prototypes.T)
+    proto_median, proto_spread = prototype_stats(sample, prototypes, weights)
     cal = Calibration(text_median, text_spread, prototypes, proto_median, proto_spread, weights,
                       np.full(n_labels, calib.DEFAULT_CUTOFF))
-    if len(reviewed_ids):
-        _, z = cal.score(reviewed_vectors, classifier)
-        for n, label in enumerate(labels):
-            confirmed, rejected = reviews.get(label.id, ([], []))
-            cal.cutoff[n] = calib.tune_cutoff([z[row_of[i], n] for i in confirmed if i in row_of],
-                                              [z[row_of[i], n] for i in rejected if i in row_of])
+    tune_cutoffs(catalog, model_id, classifier, cal, reviews)
     return cal
 
 
-def _library_sample(catalog: Catalog, model_id: str, rng_seed: int) -> np.ndarray:
+def library_sample(catalog: Catalog, model_id: str, rng_seed: int = 0) -> np.ndarray:
     """Vectors of up to STATS_SAMPLE photos drawn at random (all of a smaller library)."""
     with catalog.read() as session:
         ids = np.fromiter(session.scalars(select(EmbeddingRow.image_id).where(EmbeddingRow.model == model_id)), np.int64)
@@ -248,8 +275,11 @@ def _library_sample(catalog: Catalog, model_id: str, rng_seed: int) -> np.ndarra
     return vectors.reshape(len(ids), -1) if len(ids) else np.zeros((0, 1), np.float32)
 
 
-def _save_calibration(session, classifier: Classifier, model_id: str, cal: Calibration) -> None:
-    for n, label in enumerate(classifier.labels):
+def save_calibration(session, classifier: Classifier, model_id: str, cal: Calibration,
+                     columns: Sequence[int] | None = None) -> None:
+    """Store the calibration of every label (or of the given columns)."""
+    for n in range(len(classifier.labels)) if columns is None else columns:
+        label = classifier.labels[n]
         has_prototype = cal.proto_weight[n] > 0
         session.merge(LabelCalibrationRow(
             label_id=label.id, model=model_id, text_median=float(cal.text_median[n]), text_spread=float(cal.text_spread[n]),
@@ -278,7 +308,8 @@ def stored_calibration(catalog: Catalog, classifier: Classifier, model_id: str) 
 
 
 # --- membership ----------------------------------------------------------------------------------------
-def _library_model_id(catalog: Catalog) -> str:
+def library_model_id(catalog: Catalog) -> str:
+    """The id of the model the library's vectors come from (EmptyLibraryError before indexing)."""
     model = catalog.library_model()
     if model is None:
         raise EmptyLibraryError("no images are indexed in this library yet, so there is nothing to label",
@@ -307,18 +338,20 @@ def iter_vector_chunks(catalog: Catalog, model_id: str, chunk: int = CHUNK) -> I
 
 
 @dataclass
-class _Members:
-    """Rows of label_members being built: image ids, label columns, probabilities, strengths, confirmed flags."""
+class Members:
+    """Rows of label_members being built (image ids, label columns, probabilities, strengths, confirmed flags) and
+    of label_candidates (photos passing a label's threshold: image ids, label columns, probabilities)."""
 
     ids: list[np.ndarray]
     cols: list[np.ndarray]
     probs: list[np.ndarray]
     strengths: list[np.ndarray]
     confirmed: list[np.ndarray]
+    candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
     @classmethod
-    def empty(cls) -> "_Members":
-        return cls([], [], [], [], [])
+    def empty(cls) -> "Members":
+        return cls([], [], [], [], [], [])
 
     def add(self, ids, cols, probs, strengths, confirmed: bool) -> None:
         self.ids.append(np.asarray(ids, np.int64))
@@ -330,7 +363,10 @@ class _Members:
     def select(self, ids: np.ndarray, probs: np.ndarray, z: np.ndarray, classifier: Classifier, cal: Calibration,
                reviews: Reviews) -> None:
         """Add the photos (rows of probs/z) passing threshold and cutoff, minus reviewed ones (added apart)."""
-        rows, cols = np.nonzero((probs >= classifier.thresholds[None, :]) & (z >= cal.cutoff[None, :]))
+        passing = probs >= classifier.thresholds[None, :]
+        rows, cols = np.nonzero(passing)
+        self.candidates.append((ids[rows], cols, probs[rows, cols]))
+        rows, cols = np.nonzero(passing & (z >= cal.cutoff[None, :]))
         if len(rows) and reviews:
             reviewed = {(image, n) for n, label in enumerate(classifier.labels)
                         for group in reviews.get(label.id, ([], [])) for image in group}
@@ -351,6 +387,11 @@ class _Members:
     def write(self, session, classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
         """Insert the rows (the caller deleted what they replace); (image ids, label columns) written."""
         label_ids = np.array([label.id for label in classifier.labels], np.int64)
+        for ids, cols, probs in self.candidates:
+            if len(ids):
+                session.connection().exec_driver_sql(
+                    "INSERT OR REPLACE INTO label_candidates (image_id, label_id, probability) VALUES (?, ?, ?)",
+                    list(zip(ids.tolist(), label_ids[cols].tolist(), np.asarray(probs, np.float64).tolist())))
         if not self.ids:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         ids, cols = np.concatenate(self.ids), np.concatenate(self.cols)
@@ -367,14 +408,14 @@ def apply_set(catalog: Catalog, set_name: str, encoder: EncoderSource = None, ch
               rng_seed: int = 0) -> ApplyReport:
     """(Re)label the whole library with one set: calibrate, score every stored vector, replace the set's members."""
     started = time.perf_counter()
-    model_id = _library_model_id(catalog)
+    model_id = library_model_id(catalog)
     (label_set,) = label_sets(catalog, set_name, with_counts=False)
     classifier = set_classifier(catalog, label_set, model_id, encoder)
     reviews = reviews_of(catalog, [label.id for label in classifier.labels])
     tick = time.perf_counter()
     cal = calibrate(catalog, classifier, model_id, reviews, rng_seed)
     classify_seconds = time.perf_counter() - tick
-    members, total = _Members.empty(), 0
+    members, total = Members.empty(), 0
     confirmed = np.array(sorted({i for label in classifier.labels for i in reviews[label.id][0]}), np.int64)
     for ids, vectors in iter_vector_chunks(catalog, model_id, chunk):
         tick = time.perf_counter()
@@ -388,8 +429,9 @@ def apply_set(catalog: Catalog, set_name: str, encoder: EncoderSource = None, ch
     label_ids = [label.id for label in classifier.labels]
     with catalog.write() as session:
         session.execute(delete(LabelMemberRow).where(LabelMemberRow.label_id.in_(label_ids)))
+        session.execute(delete(LabelCandidateRow).where(LabelCandidateRow.label_id.in_(label_ids)))
         ids, cols = members.write(session, classifier)
-        _save_calibration(session, classifier, model_id, cal)
+        save_calibration(session, classifier, model_id, cal)
     counts = np.bincount(cols, minlength=len(label_ids))
     return ApplyReport(set_name, total, {label.name: int(c) for label, c in zip(classifier.labels, counts)},
                        int(total - len(np.unique(ids))), classifier.encoded, time.perf_counter() - started, classify_seconds)
@@ -442,14 +484,14 @@ def apply_new(catalog: Catalog, image_ids: Sequence[int], encoder: EncoderSource
             continue
         label_ids = [label.id for label in classifier.labels]
         reviews = reviews_of(catalog, label_ids, image_ids)
-        members = _Members.empty()
+        members = Members.empty()
         if len(ids):
             probs, z = cal.score(vectors, classifier)
             members.select(ids, probs, z, classifier, cal, reviews)
             members.add_confirmed(ids, probs, z, classifier, reviews)
         with catalog.write() as session:
-            session.execute(delete(LabelMemberRow).where(LabelMemberRow.image_id.in_(image_ids),
-                                                         LabelMemberRow.label_id.in_(label_ids)))
+            for table in (LabelMemberRow, LabelCandidateRow):
+                session.execute(delete(table).where(table.image_id.in_(image_ids), table.label_id.in_(label_ids)))
             written, _ = members.write(session, classifier)
         given[label_set.name] = int(len(written))
     return given

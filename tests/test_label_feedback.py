@@ -196,3 +196,26 @@ def test_cli_review(photo_library, settings):
     assert quality["precision"]["precision"] == 0.5
     assert "give --confirm" in run("review", "s", "red", str(top[0]["id"]), code=2)
     assert "(confirmed)" in run("show", "s", "red")
+
+
+def test_a_review_rescoring_one_label_equals_a_full_apply(colours):
+    """The review fast path (candidates only) gives exactly what re-applying the whole set gives."""
+    from clipsearch.label_tables import LabelCalibrationRow
+    from clipsearch.search.label_feedback import review
+    from clipsearch.search.labels import apply_set
+
+    def state():
+        members = {name: (p["id"], p["confirmed"], round(p["strength"], 3)) for name, p in _members(colours).items()}
+        with colours.read() as session:
+            rows = session.query(LabelCalibrationRow).order_by(LabelCalibrationRow.label_id).all()
+            calibration = [(r.label_id, round(r.cutoff, 5), round(r.proto_weight, 5), round(r.proto_median, 5),
+                            round(r.proto_spread, 5), r.prototype) for r in rows]
+        return members, _members(colours, "blue"), calibration
+
+    members = _members(colours)
+    review(colours, "s", "red", members["red1"]["id"], "confirm")
+    review(colours, "s", "red", _id_of(colours, "purple1"), "confirm")
+    review(colours, "s", "red", members["red2"]["id"], "reject")
+    fast = state()
+    apply_set(colours, "s")
+    assert state() == fast

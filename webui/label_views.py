@@ -182,9 +182,8 @@ def review(services: Services, set_name: str, name: str, image_id: Any, verdict:
         raise QueryError("image_id must be a whole number", "use the id of a photo on the label page") from None
     verdict = None if verdict in (None, "", "clear") else str(verdict)
     with library_write(services):
-        label_feedback.review(services.library.catalog, set_name, name, image, verdict, _encoder(services))
+        photos = label_feedback.review(services.library.catalog, set_name, name, image, verdict, _encoder(services))
     catalog = services.library.catalog
-    held = next((row for row in label_sets.labels_of(catalog, image) if row["set"] == set_name and row["label"] == name), None)
-    return {"image_id": image, "verdict": verdict, "holds_label": held is not None,
-            "quality": label_feedback.label_quality(catalog, set_name, name),
-            "photos": label_sets.label_sets(catalog, set_name)[0].label(name).count}
+    held = any(row["set"] == set_name and row["label"] == name for row in label_sets.labels_of(catalog, image))
+    return {"image_id": image, "verdict": verdict, "holds_label": held,
+            "quality": label_feedback.label_quality(catalog, set_name, name), "photos": photos}
