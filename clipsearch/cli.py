@@ -10,10 +10,12 @@ from typing import Any, Callable
 import click
 
 from clipsearch import __version__
-from clipsearch.cli_common import ENCODER_SETTINGS, INDEX_SETTINGS, WATCH_SETTINGS, reports_errors, settings_options
+from clipsearch.cli_common import ENCODER_SETTINGS, INDEX_SETTINGS, WATCH_SETTINGS, LazyGroup, reports_errors, settings_options
 from clipsearch.config import Settings, describe_settings
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             lazy_commands={"train": ("clipsearch.training.command:train_command",
+                                      "Train or fine-tune CLIP encoders on your images and captions.")})
 @click.version_option(__version__, prog_name="clipsearch")
 def main() -> None:
     """Semantic photo search with CLIP: index your photos, then find them by describing them."""
@@ -22,17 +24,30 @@ def main() -> None:
 @main.command(short_help="Index photo folders (only what changed).")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--reembed", is_flag=True, help="Re-embed every image with the chosen model, replacing the library's vectors.")
+@click.option("--distributed", is_flag=True, help="Run under torchrun: the files are shared out between the ranks "
+              "(torchrun --nproc-per-node N -m clipsearch index --distributed DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 @settings_options(*INDEX_SETTINGS)
-def index(folders: tuple[str, ...], reembed: bool, as_json: bool, settings: Settings) -> None:
+def index(folders: tuple[str, ...], reembed: bool, distributed: bool, as_json: bool, settings: Settings) -> None:
     """Index the photos under FOLDERS (recursively; unchanged files are skipped)."""
     from clipsearch.cli_progress import ProgressDisplay
-    from clipsearch.indexer.run import index_folders
 
-    display = ProgressDisplay(enabled=sys.stderr.isatty() and not as_json)
-    with display:
-        report = index_folders(settings, folders, reembed=reembed, progress=display)
+    if distributed:
+        from clipsearch.indexer.distributed import index_distributed, torchrun_environment
+
+        is_main = torchrun_environment()[0] == 0
+        display = ProgressDisplay(enabled=is_main and sys.stderr.isatty() and not as_json)
+        with display:
+            report = index_distributed(settings, folders, reembed=reembed, progress=display)
+        if not is_main:
+            return
+    else:
+        from clipsearch.indexer.run import index_folders
+
+        display = ProgressDisplay(enabled=sys.stderr.isatty() and not as_json)
+        with display:
+            report = index_folders(settings, folders, reembed=reembed, progress=display)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

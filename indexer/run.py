@@ -283,41 +283,46 @@ class Indexer:
             self.report.encode_seconds += time.perf_counter() - started
             if vectors.shape != (len(batch.prepared), self.encoder.dim):
                 raise LibraryError(f"encoder returned vectors of shape {vectors.shape}", "this is a bug: please report it")
+        with self.catalog.write() as session:
+            embedded_ids = self._write_rows(session, batch, vectors)
+        self._label(embedded_ids)
+
+    def _write_rows(self, session, batch: _Batch, vectors) -> list[int]:
+        """Write a batch's outcomes into an open write session (vectors: one row per prepared item); the ids embedded."""
         model_id = self.encoder.model_id
         now = utcnow()
         embedded_ids: list[int] = []
-        with self.catalog.write() as session:
-            for index, item in enumerate(batch.prepared):
-                c, info = item.candidate, item.info
-                values = dict(
-                    path=c.path, root=c.root, size=c.size, mtime_ns=c.mtime_ns, content_hash=item.content_hash,
-                    width=info.width, height=info.height, format=info.format, taken_at=info.taken_at,
-                    status=STATUS_OK, error=None, updated_at=now,
-                )
-                if c.existing_id is not None:
-                    row = session.get(ImageRow, c.existing_id)
-                    for key, value in values.items():
-                        setattr(row, key, value)
-                    self.report.updated += 1
-                else:
-                    row = ImageRow(**values, indexed_at=now)
-                    session.add(row)
-                    session.flush()
-                    self.report.added += 1
-                session.merge(EmbeddingRow(image_id=row.id, model=model_id, vector=vector_to_blob(vectors[index])))
-                embedded_ids.append(row.id)
-                self.report.decode_seconds += item.decode_seconds
-            self.report.embedded += len(batch.prepared)
-            for failure in batch.failed:
-                self._record_failure(session, failure, now)
-            touch_images(session, [(u.candidate.existing_id, {"size": u.candidate.size, "mtime_ns": u.candidate.mtime_ns})
-                                   for u in batch.unchanged])
-            self.report.unchanged += len(batch.unchanged)
-            for moved, row_id in batch.moved:
-                c = moved.candidate
-                touch_images(session, [(row_id, {"path": c.path, "root": c.root, "size": c.size, "mtime_ns": c.mtime_ns})])
-                self.report.moved += 1
-        self._label(embedded_ids)
+        for index, item in enumerate(batch.prepared):
+            c, info = item.candidate, item.info
+            values = dict(
+                path=c.path, root=c.root, size=c.size, mtime_ns=c.mtime_ns, content_hash=item.content_hash,
+                width=info.width, height=info.height, format=info.format, taken_at=info.taken_at,
+                status=STATUS_OK, error=None, updated_at=now,
+            )
+            if c.existing_id is not None:
+                row = session.get(ImageRow, c.existing_id)
+                for key, value in values.items():
+                    setattr(row, key, value)
+                self.report.updated += 1
+            else:
+                row = ImageRow(**values, indexed_at=now)
+                session.add(row)
+                session.flush()
+                self.report.added += 1
+            session.merge(EmbeddingRow(image_id=row.id, model=model_id, vector=vector_to_blob(vectors[index])))
+            embedded_ids.append(row.id)
+            self.report.decode_seconds += item.decode_seconds
+        self.report.embedded += len(batch.prepared)
+        for failure in batch.failed:
+            self._record_failure(session, failure, now)
+        touch_images(session, [(u.candidate.existing_id, {"size": u.candidate.size, "mtime_ns": u.candidate.mtime_ns})
+                               for u in batch.unchanged])
+        self.report.unchanged += len(batch.unchanged)
+        for moved, row_id in batch.moved:
+            c = moved.candidate
+            touch_images(session, [(row_id, {"path": c.path, "root": c.root, "size": c.size, "mtime_ns": c.mtime_ns})])
+            self.report.moved += 1
+        return embedded_ids
 
     def _label(self, image_ids: list[int]) -> None:
         """Give newly embedded photos their labels (sets applied before); never stops indexing."""
