@@ -50,16 +50,21 @@ def training_sample(vectors: np.ndarray, nlist: int, seed: int = SEED) -> np.nda
     return vectors[rows]
 
 
-def build_ivf(vectors: np.ndarray, ids: np.ndarray, nlist: int | None = None):
-    """An IVF index with 8-bit scalar quantization (inner product), trained on a sample and filled with every vector."""
+def new_ivf(dim: int, nlist: int):
+    """An untrained IVF-SQ8 index (inner product) with the store's k-means settings."""
     faiss = faiss_module()
-    dim = vectors.shape[1]
-    nlist = nlist or choose_nlist(len(vectors))
     index = faiss.IndexIVFScalarQuantizer(
         faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
     )
     index.cp.niter = KMEANS_ITERATIONS
     index.cp.seed = SEED
+    return index
+
+
+def build_ivf(vectors: np.ndarray, ids: np.ndarray, nlist: int | None = None):
+    """An IVF index with 8-bit scalar quantization (inner product), trained on a sample and filled with every vector."""
+    nlist = nlist or choose_nlist(len(vectors))
+    index = new_ivf(vectors.shape[1], nlist)
     index.train(training_sample(vectors, nlist))
     index.add_with_ids(vectors, ids)
     return index
@@ -69,6 +74,16 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each row of truth (ids) that appears in the same row of found."""
     hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
     return hits / truth.size
+
+
+def calibration_queries(vectors: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(near, near_ids, far): library vectors as queries, and the same pushed away from the data (cosine ~0.45)."""
+    rng = np.random.default_rng(SEED)
+    rows = rng.choice(len(vectors), min(CALIBRATION_QUERIES, len(vectors)), replace=False)
+    near, near_ids = vectors[rows], ids[rows]
+    far = near + rng.standard_normal(near.shape, dtype=np.float32) * np.float32(FAR_QUERY_NOISE / math.sqrt(near.shape[1]))
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    return near, near_ids, far
 
 
 def calibrate_nprobe(index, vectors: np.ndarray, ids: np.ndarray, k: int = 10,
@@ -81,21 +96,33 @@ def calibrate_nprobe(index, vectors: np.ndarray, ids: np.ndarray, k: int = 10,
     lists within 0.005 of the best recall seen (more probing would only cost time).
     """
     faiss = faiss_module()
-    rng = np.random.default_rng(SEED)
-    rows = rng.choice(len(vectors), min(CALIBRATION_QUERIES, len(vectors)), replace=False)
-    near, near_ids = vectors[rows], ids[rows]
-    far = near + rng.standard_normal(near.shape, dtype=np.float32) * np.float32(FAR_QUERY_NOISE / math.sqrt(near.shape[1]))
-    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    near, near_ids, far = calibration_queries(vectors, ids)
     _, near_rows = faiss.knn(near, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     _, far_rows = faiss.knn(far, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-    near_truth, far_truth = _drop_self(ids[near_rows], near_ids, k), ids[far_rows]
-    measured = []
-    choices = sorted({p for p in NPROBE_CHOICES if p < index.nlist} | {min(index.nlist, NPROBE_CHOICES[-1])})
-    for nprobe in choices:
+
+    def search(queries, wanted, nprobe):
         index.nprobe = nprobe
-        near_found = _drop_self(index.search(near, k + 1)[1], near_ids, k)
-        far_found = index.search(far, k)[1]
-        recall = min(recall_at(near_found, near_truth), recall_at(far_found, far_truth))
+        return index.search(queries, wanted)[1]
+
+    nprobe, recall = choose_nprobe(search, index.nlist, (near, near_ids, ids[near_rows]), (far, ids[far_rows]), k, target)
+    index.nprobe = nprobe
+    return nprobe, recall
+
+
+def choose_nprobe(search, nlist: int, near: tuple, far: tuple, k: int = 10,
+                  target: float = TARGET_RECALL) -> tuple[int, float]:
+    """(nprobe, recall@k) from exact answers: near = (queries, their own ids, top k+1 ids), far = (queries, top k ids).
+
+    search(queries, k, nprobe) returns ids; it may search one index or several shards together.
+    """
+    (near_queries, near_ids, near_top), (far_queries, far_top) = near, far
+    near_truth = _drop_self(near_top, near_ids, k)
+    measured = []
+    choices = sorted({p for p in NPROBE_CHOICES if p < nlist} | {min(nlist, NPROBE_CHOICES[-1])})
+    for nprobe in choices:
+        near_found = _drop_self(search(near_queries, k + 1, nprobe), near_ids, k)
+        far_found = search(far_queries, k, nprobe)
+        recall = min(recall_at(near_found, near_truth), recall_at(far_found, far_top))
         measured.append((nprobe, round(recall, 4)))
         if recall >= target:
             break
@@ -104,8 +131,7 @@ def calibrate_nprobe(index, vectors: np.ndarray, ids: np.ndarray, k: int = 10,
     else:
         best = max(r for _, r in measured)
         nprobe, recall = next((p, r) for p, r in measured if r >= best - 0.005)
-    index.nprobe = nprobe
-    log.info("IVF nprobe %d of %d lists: recall@%d %.3f (measured %s)", nprobe, index.nlist, k, recall, measured)
+    log.info("IVF nprobe %d of %d lists: recall@%d %.3f (measured %s)", nprobe, nlist, k, recall, measured)
     return nprobe, recall
 
 

@@ -79,8 +79,9 @@ class Settings:
         "auto",
         "Search index: auto is exact search up to 40,000 photos, then an approximate IVF-SQ8 index (measured "
         "~2 ms a query at 1M photos, recall@10 ~0.98, a quarter of the memory); exact always scans every vector "
-        "(~170 ms at 1M); ivf is approximate from 1,000 photos.",
-        ("auto", "exact", "ivf"),
+        "(~170 ms at 1M); ivf is approximate from 1,000 photos; disk is IVF-SQ8 from 1,000 photos with its lists in "
+        "memory-mapped shard files beside the index, for libraries larger than RAM (see Large libraries).",
+        ("auto", "exact", "ivf", "disk"),
     )
     host: str = _setting("127.0.0.1", "Address `clipsearch serve` listens on; any other than loopback needs access_token (or insecure).")
     port: int = _setting(8000, "Port `clipsearch serve` listens on (0 picks a free one).", zero_ok=True)

@@ -2,7 +2,8 @@
 
 Small libraries use exact search; past IVF_THRESHOLD vectors an approximate IVF-SQ8 index takes over (see
 bench/query_latency.py for the measurements behind the numbers). Rebuilds can run in a background thread while
-searches keep using the current index.
+searches keep using the current index. The `disk` kind keeps IVF-SQ8 inverted lists in memory-mapped shard files
+beside the store file, for libraries past the machine's RAM (clipsearch.ann_disk; bench/large_index.py).
 """
 
 from __future__ import annotations
@@ -10,33 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import secrets
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from clipsearch import ann
+from clipsearch import ann, ann_disk
 from clipsearch.catalog import Catalog
 from clipsearch.errors import LibraryError
+from clipsearch.store_files import (HEADER_LENGTH_BYTES, MAGIC, MissingShardError, StoreFileError, missing_shards,
+                                     newer_saved_generation, read_header, remove_unused_shards, save_lock)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"CLIPSEARCH-FAISS\x01"
-HEADER_LENGTH_BYTES = 8
 
-KINDS = ("auto", "exact", "ivf")
+KINDS = ("auto", "exact", "ivf", "disk")
 # bench/query_latency.py, 2 cores, 512-d: exact p50 4.2 ms at 40k vectors and 6.2 ms at 50k (passes 5 ms at ~44k),
 # 16 ms at 100k, 166 ms at 1M; IVF-SQ8 0.34 ms at 40k and 2 ms at 1M, recall@10 ~0.98. Back to exact below half.
 IVF_THRESHOLD = 40_000
 IVF_MIN_VECTORS = 1_000  # even a forced `ivf` stays exact below this: too few vectors to train lists on
 RETRAIN_GROWTH = 4  # retrain once the library holds this many times the vectors the lists were trained for
 REBUILD_ATTEMPTS = 3
-
-
-class StoreFileError(Exception):
-    """The store file is missing, damaged or of another format (the caller rebuilds it)."""
+# disk: changes since the shards were written are held in RAM (delta + tombstones) until they pass this share of the
+# shard vectors (and COMPACT_MIN), then fresh shards are built from the catalog, reusing the trained lists.
+COMPACT_FRACTION = 0.1
+COMPACT_MIN = 20_000
 
 
 def _faiss():
@@ -50,13 +50,13 @@ def new_flat_index(dim: int):
 
 
 def target_kind(requested: str, count: int, built: str = "exact") -> str:
-    """The index kind ('exact' or 'ivf') that `count` vectors call for under the `vector_index` setting."""
+    """The index kind ('exact', 'ivf' or 'disk') that `count` vectors call for under the `vector_index` setting."""
     if requested not in KINDS:
         raise ValueError(f"unknown vector index kind {requested!r}: expected one of {', '.join(KINDS)}")
     if requested == "exact" or count < IVF_MIN_VECTORS:
         return "exact"
-    if requested == "ivf":
-        return "ivf"
+    if requested in ("ivf", "disk"):
+        return requested
     # Back to exact only at half the threshold, so a library hovering around it is not rebuilt back and forth.
     return "ivf" if count >= (IVF_THRESHOLD // 2 if built == "ivf" else IVF_THRESHOLD) else "exact"
 
@@ -72,6 +72,24 @@ def build_index(dim: int, ids: np.ndarray, vectors: np.ndarray, kind: str):
     nprobe, recall = ann.calibrate_nprobe(index, vectors, ids)
     params = {"kind": "ivf", "nlist": int(index.nlist), "nprobe": nprobe, "trained_on": len(ids), "recall": round(recall, 4)}
     return index, params
+
+
+def shard_folder(path: Path) -> Path:
+    """Where a store file's disk-index shards live: a folder beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".shards")
+
+
+def build_from_catalog(path: Path, catalog: Catalog, model_id: str, dim: int, requested: str, built: str = "exact",
+                       forced: str | None = None, trained=None):
+    """(index, params) for the model's vectors: a disk index streams them from the catalog, others read them all."""
+    if (forced or requested) == "disk":
+        count = ann_disk.count_vectors(catalog, model_id)
+        if (forced or target_kind(requested, count, built)) == "disk":
+            token = f"{catalog.generation()}-{secrets.token_hex(4)}"
+            return ann_disk.build_from_catalog(catalog, model_id, dim, shard_folder(path), token, trained)
+    ids, vectors = catalog.vectors(model_id)
+    return build_index(dim, ids, vectors, forced or target_kind(requested, len(ids), built))
 
 
 class VectorStore:
@@ -103,7 +121,7 @@ class VectorStore:
 
     @property
     def kind(self) -> str:
-        """The kind of index held now: 'exact' or 'ivf'."""
+        """The kind of index held now: 'exact', 'ivf' or 'disk'."""
         return self.params["kind"]
 
     @property
@@ -133,7 +151,8 @@ class VectorStore:
         model_id, dim = model["model_id"], int(model["dim"])
         # In the background mode a missing file is first replaced by an exact index (a plain copy, quick) so
         # searches need not wait for IVF training; the approximate index follows from the thread.
-        first_kind = "exact" if background else kind
+        # Not for disk: an exact copy is what a library past RAM cannot hold.
+        first_kind = "exact" if background and kind != "disk" else kind
         try:
             store = cls.load(path)
             if store.model_id != model_id or store.dim != dim:
@@ -149,15 +168,14 @@ class VectorStore:
         changed = store.sync(catalog)
         # A background rebuild saves when it is done; writing the interim index too would only cost time.
         if save and changed and not store.rebuilding:
-            store.save_quietly()
+            store.save_quietly(catalog)
         return store
 
     @classmethod
     def rebuild(cls, path: Path, catalog: Catalog, model_id: str, dim: int, kind: str = "auto") -> "VectorStore":
         """Build a fresh store from every vector the catalog holds for the model."""
         generation = catalog.generation()
-        ids, vectors = catalog.vectors(model_id)
-        index, params = build_index(dim, ids, vectors, target_kind(kind, len(ids)))
+        index, params = build_from_catalog(path, catalog, model_id, dim, kind)
         store = cls(path, model_id, dim, index=index, generation=generation, kind=kind, params=params)
         store._unsaved = True
         return store
@@ -169,7 +187,7 @@ class VectorStore:
             changed = self._catch_up(catalog)
         if changed is None:
             # The change log no longer covers our stamp (pruned, or the catalog was replaced): start over.
-            self._rebuild(catalog, "exact" if self.background else None)
+            self._rebuild(catalog, "exact" if self.background and self.requested_kind != "disk" else None)
             changed = True
         return self._maybe_rebuild(catalog) or changed or unsaved
 
@@ -195,8 +213,10 @@ class VectorStore:
         wanted = target_kind(self.requested_kind, count, kind)
         if wanted != kind:
             return f"{count} vectors with vector_index={self.requested_kind}: {kind} -> {wanted}"
-        if kind == "ivf" and count > RETRAIN_GROWTH * self.params.get("trained_on", 0):
+        if kind in ("ivf", "disk") and count > RETRAIN_GROWTH * self.params.get("trained_on", 0):
             return f"{count} vectors, IVF lists trained for {self.params.get('trained_on')}"
+        if kind == "disk" and self.index.pending > max(COMPACT_MIN, COMPACT_FRACTION * self.index.sealed_count):
+            return f"{self.index.pending} changes held in RAM beside {self.index.sealed_count} shard vectors"
         return None
 
     def _maybe_rebuild(self, catalog: Catalog) -> bool:
@@ -221,7 +241,7 @@ class VectorStore:
         try:
             self._rebuild(catalog)
             if self.autosave:
-                self.save_quietly()
+                self.save_quietly(catalog)
         except Exception as e:  # searches keep the current index; logged rather than lost in a thread
             self._failed_at = (reason, self.count)
             log.warning("background rebuild of the vector index failed (%s); keeping the current index", e, exc_info=True)
@@ -230,10 +250,12 @@ class VectorStore:
         """Build a fresh index from the catalog outside the lock, catch it up with changes made meanwhile, swap it in."""
         for _ in range(REBUILD_ATTEMPTS):
             generation = catalog.generation()
-            ids, vectors = catalog.vectors(self.model_id)
-            wanted = kind or target_kind(self.requested_kind, len(ids), self.kind)
-            index, params = build_index(self.dim, ids, vectors, wanted)
-            del ids, vectors  # the index holds its own copy; at 1M vectors this is 2 GB
+            # Compacting a disk index keeps its trained lists unless the library outgrew them.
+            reuse = self.kind == "disk" and self.count <= RETRAIN_GROWTH * self.params.get("trained_on", 0)
+            index, params = build_from_catalog(self.path, catalog, self.model_id, self.dim, self.requested_kind, self.kind,
+                                               kind, self.index.trained if reuse else None)
+            if params["kind"] == "disk" and "trained_on" not in params:
+                params["trained_on"] = self.params["trained_on"]
             fresh = VectorStore(self.path, self.model_id, self.dim, index=index, generation=generation, params=params)
             # Catch up outside the lock first (a long build may have missed many changes), then again under it
             # so the swapped-in index is current and the lock is held only for the last few changes.
@@ -266,6 +288,8 @@ class VectorStore:
             k = min(k, self.count if allowed_ids is None else len(allowed_ids))
             if k <= 0:
                 return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            if self.kind == "disk":
+                return self.index.search(queries, k, allowed_ids, self._nprobe_for(allowed_ids))
             params = self._search_params(allowed_ids)
             if params is None:
                 return self.index.search(queries, k)
@@ -278,12 +302,15 @@ class VectorStore:
         with self._lock:
             if self.count == 0 or (allowed_ids is not None and len(allowed_ids) == 0):
                 return np.zeros(0, np.float32), np.zeros(0, np.int64)
-            params = self._search_params(allowed_ids)
-            if params is None:
-                lims, scores, ids = self.index.range_search(query, float(min_score))
+            if self.kind == "disk":
+                scores, ids = self.index.range_search(query, float(min_score), allowed_ids, self._nprobe_for(allowed_ids))
             else:
-                lims, scores, ids = self.index.range_search(query, float(min_score), params=params)
-        scores, ids = scores[lims[0] : lims[1]], ids[lims[0] : lims[1]]
+                params = self._search_params(allowed_ids)
+                if params is None:
+                    lims, scores, ids = self.index.range_search(query, float(min_score))
+                else:
+                    lims, scores, ids = self.index.range_search(query, float(min_score), params=params)
+                scores, ids = scores[lims[0] : lims[1]], ids[lims[0] : lims[1]]
         order = np.argsort(-scores, kind="stable")[:limit]
         return scores[order], ids[order]
 
@@ -301,16 +328,24 @@ class VectorStore:
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
         if self.kind != "ivf":
             return faiss.SearchParameters(sel=selector)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe_for(allowed_ids))
+
+    def _nprobe_for(self, allowed_ids: np.ndarray | None) -> int:
+        """IVF lists to probe for a search restricted to allowed_ids (None: unrestricted)."""
+        nprobe = self.params.get("nprobe", 16)
+        if allowed_ids is None:
+            return nprobe
         # A narrow filter leaves few candidates in the probed lists: probe more lists, in proportion, so a
         # filtered search finds as many of its matches as an unfiltered one does.
         widen = max(1.0, self.count / max(1, len(allowed_ids)))
-        nprobe = int(min(self.index.nlist, np.ceil(self.params.get("nprobe", 16) * widen)))
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        return int(min(self.index.nlist, np.ceil(nprobe * widen)))
 
     def sample_ids(self, n: int, seed: int = 0) -> np.ndarray:
         """Up to n ids held by the store, drawn at random (reproducibly)."""
         faiss = _faiss()
         with self._lock:
+            if self.kind == "disk":
+                return self.index.sample_ids(n, seed)
             if self.kind == "ivf":
                 invlists = self.index.invlists
                 ids = np.concatenate([
@@ -326,6 +361,8 @@ class VectorStore:
     def reconstruct(self, image_id: int) -> np.ndarray:
         """The stored vector of one id (decoded from 8 bits, so approximate, for IVF); KeyError if absent."""
         with self._lock:
+            if self.kind == "disk":
+                return self.index.reconstruct(int(image_id))
             if self.kind == "ivf":
                 return ann.ivf_reconstruct(self.index, int(image_id))
             try:
@@ -334,41 +371,52 @@ class VectorStore:
                 raise KeyError(image_id) from e
 
     def memory_bytes_per_vector(self) -> float:
-        """Index bytes per vector held (serialized size / count; 0 when empty)."""
+        """Index bytes per vector held in RAM (serialized size / count, disk: lists excluded; 0 when empty)."""
         with self._lock:
-            return ann.serialized_size(self.index) / self.count if self.count else 0.0
+            size = self.index.ram_bytes() if self.kind == "disk" else ann.serialized_size(self.index)
+            return size / self.count if self.count else 0.0
 
     # --- files ----------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Write the store atomically: a temp file in the same folder, fsync, then rename over the old one."""
+    def save(self, catalog: Catalog | None = None) -> None:
+        """Write the store atomically: a temp file in the same folder, fsync, then rename over the old one.
+
+        A disk index's shard files are written once when built; this file names them and holds its in-RAM part.
+        Processes saving at once (server workers, a watcher) take turns under a lock file; given the catalog, a
+        saved file of a newer generation that the catalog can still catch up from is kept, so a slow save never
+        puts an older index back.
+        """
         faiss = _faiss()
         with self._lock:  # a consistent snapshot; the disk write happens outside the lock
-            payload = faiss.serialize_index(self.index)
+            disk = self.kind == "disk"
+            payload = self.index.state_bytes() if disk else faiss.serialize_index(self.index)
             generation = self.generation
             header = {"model_id": self.model_id, "dim": self.dim, "generation": generation, "count": self.count}
             header.update(self.params)
+        folder = shard_folder(self.path)
+        if disk:
+            missing = missing_shards(folder, header)
+            if missing:  # another process saved a newer build and removed these: its file is the one to keep
+                raise FileNotFoundError(f"shard files {missing} of this index are gone from {folder}")
         header["sha256"] = hashlib.sha256(payload).hexdigest()
         header_bytes = json.dumps(header).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(MAGIC)
-                out.write(len(header_bytes).to_bytes(HEADER_LENGTH_BYTES, "little"))
-                out.write(header_bytes)
-                out.write(memoryview(payload))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp_name, self.path)
+        with save_lock(self.path):
+            newer = newer_saved_generation(self.path, self.model_id, generation, catalog)
+            if newer is not None:
+                log.debug("vector index %s already holds generation %d, newer than %d: kept", self.path, newer, generation)
+                self.saved_generation = newer
+                return
+            replaced = read_header(self.path) if folder.is_dir() else None
+            ann_disk.write_atomically(self.path, lambda name: Path(name).write_bytes(
+                MAGIC + len(header_bytes).to_bytes(HEADER_LENGTH_BYTES, "little") + header_bytes + memoryview(payload)
+            ))
             self.saved_generation = generation
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+            if folder.is_dir():
+                remove_unused_shards(folder, header, replaced)
 
-    def save_quietly(self) -> bool:
+    def save_quietly(self, catalog: Catalog | None = None) -> bool:
         """Save, but only log when the disk refuses: the store is derived and rebuilt on the next open."""
         try:
-            self.save()
+            self.save(catalog)
             return True
         except OSError as e:
             log.warning("could not save the vector index %s (%s); it will be rebuilt next time", self.path, e)
@@ -377,8 +425,15 @@ class VectorStore:
     @classmethod
     def load(cls, path: Path) -> "VectorStore":
         """Read a saved store; FileNotFoundError if absent, StoreFileError if damaged."""
+        try:
+            return cls._decode(path, Path(path).read_bytes())
+        except MissingShardError:
+            # A save by another process may have replaced the file and removed its shards after we read it.
+            return cls._decode(path, Path(path).read_bytes())
+
+    @classmethod
+    def _decode(cls, path: Path, data: bytes) -> "VectorStore":
         faiss = _faiss()
-        data = Path(path).read_bytes()
         if not data.startswith(MAGIC):
             raise StoreFileError("not a clipsearch vector index")
         start = len(MAGIC) + HEADER_LENGTH_BYTES
@@ -388,7 +443,14 @@ class VectorStore:
             payload = memoryview(data)[start + header_length :]
             if hashlib.sha256(payload).hexdigest() != header["sha256"]:
                 raise StoreFileError("checksum mismatch")
-            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+            if header.get("kind") == "disk":
+                folder = shard_folder(path)
+                if missing_shards(folder, header):
+                    raise MissingShardError(f"shard files {missing_shards(folder, header)} are missing from {folder}")
+                index = ann_disk.ShardedIVF.from_files(folder, header["shards"], header["ids_file"], bytes(payload),
+                                                       int(header["nprobe"]))
+            else:
+                index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
             params = _params_from_header(header, index)
             store = cls(path, header["model_id"], int(header["dim"]), index=index, generation=int(header["generation"]),
                         params=params)
@@ -410,16 +472,18 @@ def _params_from_header(header: dict, index) -> dict:
         if not isinstance(index, faiss.IndexIDMap2):
             raise StoreFileError("header says exact, the file holds another index")
         return {"kind": "exact"}
-    if kind != "ivf" or not isinstance(index, faiss.IndexIVF) or index.nlist != int(header["nlist"]):
+    expected = ann_disk.ShardedIVF if kind == "disk" else faiss.IndexIVF
+    if kind not in ("ivf", "disk") or not isinstance(index, expected) or index.nlist != int(header["nlist"]):
         raise StoreFileError(f"header kind {kind!r} does not match the index in the file")
     index.nprobe = int(header["nprobe"])
-    return {key: header[key] for key in ("kind", "nlist", "nprobe", "trained_on", "recall") if key in header}
+    keys = ("kind", "nlist", "nprobe", "trained_on", "recall", "shards", "ids_file")
+    return {key: header[key] for key in keys if key in header}
 
 
 def store_size_bytes(path: Path) -> int:
-    """Size of the store file on disk, 0 when absent."""
+    """Size of the store file on disk with its shard files, 0 when absent."""
     try:
-        return Path(path).stat().st_size
+        size = Path(path).stat().st_size
     except OSError:
         return 0
-
+    return size + ann_disk.folder_bytes(shard_folder(path))

@@ -294,7 +294,7 @@ def schemas() -> dict[str, Schema]:
                 "failed": integer("Failed to index."), "embeddings": integer("Stored vectors."),
             }),
             "vectors": integer("Vectors in the search index."),
-            "index_kind": nullable({"type": "string", "enum": ["exact", "ivf"],
+            "index_kind": nullable({"type": "string", "enum": ["exact", "ivf", "disk"],
                                     "description": "Search index kind (only when the library exists)."}),
             "failures": array(obj({"path": string("The file."), "reason": string("Why it failed.")}),
                               "Files that could not be indexed."),

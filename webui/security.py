@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -67,23 +68,46 @@ def check_exposure(settings: Settings) -> None:
 def load_secret_key(data_dir: Path) -> bytes:
     """The key that signs session cookies: kept in the library folder (mode 0600) so log-ins survive restarts."""
     path = Path(data_dir) / SECRET_FILE_NAME
-    try:
-        key = path.read_bytes()
-        if len(key) >= 32:
-            return key
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise LibraryError(f"cannot read {path}: {e}", "check the permissions of the library folder") from e
+    key = _read_key(path)
+    if key is not None:
+        return key
     key = secrets.token_bytes(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key)
+        _publish_key(path, key)
     except OSError as e:
         log.warning("cannot save the session key to %s (%s): log-ins will not survive a restart", path, e)
-    return key
+        return key
+    # Worker processes of one server start at once: all of them must sign with the key that got there first.
+    return _read_key(path) or key
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The saved key, or None when there is none (or a damaged one, too short to use)."""
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise LibraryError(f"cannot read {path}: {e}", "check the permissions of the library folder") from e
+    return key if len(key) >= 32 else None
+
+
+def _publish_key(path: Path, key: bytes) -> None:
+    """Save a key whole (readers never see part of it); of processes saving at once, the first one's is kept."""
+    fd, tmp = tempfile.mkstemp(prefix=".webui-secret.", dir=path.parent)  # created with mode 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp, path)  # atomic and refuses to replace: another process's key, once there, stays
+        except OSError:  # there already (kept unless damaged), or a file system without hard links
+            if _read_key(path) is None:
+                os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def token_fingerprint(token: str) -> str:

@@ -38,7 +38,20 @@ def serve(settings: Settings, encoder: Encoder | None = None, *, threads: int = 
                           "use --debug only with the default --host 127.0.0.1")
     app = create_app(settings, encoder)
     services = app.extensions[EXTENSION_KEY]
-    info = {"data_dir": str(settings.data_dir), "model": None, "images": 0}
+    info = prepare(services)
+    watcher = _start_watcher(settings, services.searcher.loaded_encoder) if watch else None
+    if watcher is not None:
+        info["watching"] = watcher.roots
+    try:
+        _serve_app(app, services, settings, threads, debug, info, ready)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+def prepare(services) -> dict:
+    """Warm the model and the vector index before the first request; what was loaded (data_dir, model, images)."""
+    info = {"data_dir": str(services.settings.data_dir), "model": None, "images": 0}
     model = services.library.catalog.library_model() if services.library.exists else None
     if model is not None:
         # Load and run the model now, so the first query is as fast as the rest. A library with no vectors yet
@@ -50,14 +63,7 @@ def serve(settings: Settings, encoder: Encoder | None = None, *, threads: int = 
             services.searcher.store()  # build or catch up the vector index before the first query
         except Exception as e:  # an empty library is fine: the page explains how to index
             log.debug("vector index not ready at start-up: %s", e)
-    watcher = _start_watcher(settings, services.searcher.loaded_encoder) if watch else None
-    if watcher is not None:
-        info["watching"] = watcher.roots
-    try:
-        _serve_app(app, services, settings, threads, debug, info, ready)
-    finally:
-        if watcher is not None:
-            watcher.stop()
+    return info
 
 
 def _start_watcher(settings: Settings, encoder: Encoder | None):

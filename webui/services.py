@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +29,15 @@ UPLOADS_KEPT = 64  # query vectors of recent uploads, so their result pages can 
 
 
 class UploadedQueries:
-    """Embeddings of recently uploaded query images, by a key derived from their bytes (the images are not kept)."""
+    """Embeddings of recently uploaded query images, by a key derived from their bytes (the images are not kept).
 
-    def __init__(self, capacity: int = UPLOADS_KEPT):
+    With a folder, the vectors (never the images) are also kept there, the latest `capacity` of them, so that
+    every process of a multi-process server can page the results of an upload another one embedded.
+    """
+
+    def __init__(self, capacity: int = UPLOADS_KEPT, folder: Path | None = None):
         self.capacity = capacity
+        self.folder = folder
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -40,11 +48,9 @@ class UploadedQueries:
 
     def put(self, key: str, vector: np.ndarray) -> None:
         """Remember an upload's vector, forgetting the oldest beyond capacity."""
-        with self._lock:
-            self._vectors[key] = vector
-            self._vectors.move_to_end(key)
-            while len(self._vectors) > self.capacity:
-                self._vectors.popitem(last=False)
+        self._remember(key, vector)
+        if self.folder is not None:
+            self._share(key, vector)
 
     def get(self, key: str) -> np.ndarray | None:
         """The vector of an upload, or None when it was never seen or has been forgotten."""
@@ -52,7 +58,46 @@ class UploadedQueries:
             vector = self._vectors.get(key)
             if vector is not None:
                 self._vectors.move_to_end(key)
-            return vector
+                return vector
+        if self.folder is None:
+            return None
+        try:
+            vector = np.load(self.folder / f"{key}.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        self._remember(key, vector)
+        return vector
+
+    def _remember(self, key: str, vector: np.ndarray) -> None:
+        with self._lock:
+            self._vectors[key] = vector
+            self._vectors.move_to_end(key)
+            while len(self._vectors) > self.capacity:
+                self._vectors.popitem(last=False)
+
+    def _share(self, key: str, vector: np.ndarray) -> None:
+        """Write the vector for the other processes (whole, by rename), and drop the oldest beyond capacity."""
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    np.save(out, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+                os.replace(tmp, self.folder / f"{key}.npy")
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            kept = sorted(self.folder.glob("*.npy"), key=_mtime, reverse=True)
+            for old in kept[self.capacity :]:
+                old.unlink(missing_ok=True)
+        except OSError as e:  # this process still has it; another one asks for the upload again
+            log.warning("cannot share the upload's vector in %s: %s", self.folder, e)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed by another process meanwhile
+        return 0.0
 
 
 @dataclass
