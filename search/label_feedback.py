@@ -62,8 +62,8 @@ def relabel_label(catalog: Catalog, set_name: str, name: str, encoder: labels.En
     reviews = labels.reviews_of(catalog, [label.id])
     prototypes, weights = labels.build_prototypes(catalog, model_id, [label], reviews, classifier.matrix.shape[1])
     cal.prototypes[n], cal.proto_weight[n] = prototypes[0], weights[0]
-    sample = labels.library_sample(catalog, model_id, rng_seed) if weights[0] > 0 else None
-    median, spread = labels.prototype_stats(sample, prototypes, weights) if sample is not None else ([0.0], [1.0])
+    sample = labels.library_sample(catalog, model_id, rng_seed) if weights[0] > 0 else None  # only a prototype needs it
+    median, spread = labels.prototype_stats(sample, prototypes, weights)
     cal.proto_median[n], cal.proto_spread[n] = median[0], spread[0]
     labels.tune_cutoffs(catalog, model_id, classifier, cal, reviews, columns=[n])
     confirmed, rejected = (set(group) for group in reviews[label.id])
@@ -106,11 +106,9 @@ def label_quality(catalog: Catalog, set_name: str, name: str) -> dict[str, Any]:
     """A label's reviews, precision estimate and current calibration (cutoff, prototype weight) for the library model."""
     label = label_id(catalog, set_name, name)
     model = catalog.library_model()
+    confirmed, rejected = _verdict_counts(catalog, [label])[label]
     with catalog.read() as session:
-        counts = dict(session.execute(select(LabelReviewRow.verdict, func.count())
-                                      .where(LabelReviewRow.label_id == label).group_by(LabelReviewRow.verdict)).all())
         row = session.get(LabelCalibrationRow, (label, model["model_id"])) if model else None
-    confirmed, rejected = counts.get("confirm", 0), counts.get("reject", 0)
     return {
         "confirmed": confirmed,
         "rejected": rejected,
@@ -124,6 +122,11 @@ def label_quality(catalog: Catalog, set_name: str, name: str) -> dict[str, Any]:
 
 def qualities(catalog: Catalog, label_ids: list[int]) -> dict[int, dict[str, Any] | None]:
     """Precision estimates of many labels at once (the /labels overview): {label id: estimate or None}."""
+    return {label: calib.precision_estimate(*counts) for label, counts in _verdict_counts(catalog, label_ids).items()}
+
+
+def _verdict_counts(catalog: Catalog, label_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """{label id: (confirmed, rejected)} in one query."""
     counts: dict[int, dict[str, int]] = {int(i): {} for i in label_ids}
     with catalog.read() as session:
         rows = session.execute(select(LabelReviewRow.label_id, LabelReviewRow.verdict, func.count())
@@ -131,5 +134,5 @@ def qualities(catalog: Catalog, label_ids: list[int]) -> dict[int, dict[str, Any
                                .group_by(LabelReviewRow.label_id, LabelReviewRow.verdict))
         for label, verdict, n in rows:
             counts[label][verdict] = n
-    return {label: calib.precision_estimate(c.get("confirm", 0), c.get("reject", 0)) for label, c in counts.items()}
+    return {label: (c.get("confirm", 0), c.get("reject", 0)) for label, c in counts.items()}
 

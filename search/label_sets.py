@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, select
 from clipsearch.catalog import Catalog, ImageRow
 from clipsearch.errors import ConfigError, QueryError
 from clipsearch.label_tables import LabelMemberRow, LabelReviewRow, LabelRow, LabelSetRow
+from clipsearch.search.request import parse_label_reference
 
 DEFAULT_THRESHOLD = 0.5
 MAX_NAME_LENGTH = 100
@@ -187,7 +188,7 @@ def remove(catalog: Catalog, set_name: str, name: str | None = None) -> None:
 
 
 # --- reading ----------------------------------------------------------------------------------------
-def unknown_set(catalog: Catalog, set_name: str, session=None) -> QueryError:
+def unknown_set(catalog: Catalog | None, set_name: str, session=None) -> QueryError:
     """The error for a set name that does not exist, listing those that do."""
     if session is not None:
         known = list(session.scalars(select(LabelSetRow.name).order_by(LabelSetRow.name)))
@@ -206,9 +207,7 @@ def _label_row(session, set_name: str, name: str) -> LabelRow:
     row = session.scalars(select(LabelRow).where(LabelRow.set_name == set_name, LabelRow.name == name)).first()
     if row is None:
         if session.get(LabelSetRow, set_name) is None:
-            known = list(session.scalars(select(LabelSetRow.name).order_by(LabelSetRow.name)))
-            raise QueryError(f"no label set {set_name!r}",
-                             f"sets: {', '.join(known)}" if known else "add one: clipsearch labels add --preset scenes")
+            raise unknown_set(None, set_name, session)
         raise unknown_label(set_name, name)
     return row
 
@@ -221,13 +220,7 @@ def label_id(catalog: Catalog, set_name: str, name: str) -> int:
 
 def label_ids_of(catalog: Catalog, references: Sequence[str]) -> tuple[int, ...]:
     """Ids of labels named "SET/LABEL" (search filters); QueryError for a malformed or unknown one."""
-    ids = []
-    for reference in references:
-        set_name, sep, name = (reference or "").strip().partition("/")
-        if not sep or not set_name.strip() or not name.strip():
-            raise QueryError(f"label filter {reference[:60]!r} is not SET/LABEL", "e.g. label=scenes/beach")
-        ids.append(label_id(catalog, set_name.strip(), name.strip()))
-    return tuple(sorted(set(ids)))
+    return tuple(sorted({label_id(catalog, *parse_label_reference(reference)) for reference in references}))
 
 
 def set_names(catalog: Catalog) -> list[str]:

@@ -225,8 +225,11 @@ def build_prototypes(catalog: Catalog, model_id: str, labels: Sequence[LabelSpec
     return prototypes, weights
 
 
-def prototype_stats(sample: np.ndarray, prototypes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(median, spread) of each prototype's similarities over the library sample; (0, 1) for unused prototypes."""
+def prototype_stats(sample: np.ndarray | None, prototypes: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(median, spread) of each prototype's similarities over the library sample; (0, 1) for unused prototypes.
+
+    The sample is read only when some prototype is used (weight > 0), so callers without one may pass None.
+    """
     median, spread = np.zeros(len(weights)), np.ones(len(weights))
     used = np.asarray(weights) > 0
     if used.any():

@@ -69,13 +69,16 @@ class SearchFilters:
         for name in names:
             if not name.isalnum() or len(name) > 10:
                 raise QueryError(f"unknown file format {name!r}", "use format names such as JPEG, PNG, HEIF, WEBP")
-        references = []
-        for reference in labels or ():
-            set_name, sep, label = (reference or "").strip().partition("/")
-            if not sep or not set_name.strip() or not label.strip():
-                raise QueryError(f"label filter {reference[:60]!r} is not SET/LABEL", "e.g. label=scenes/beach")
-            references.append(f"{set_name.strip()}/{label.strip()}")
-        return cls(folder, start, end, names, tuple(sorted(set(references))))
+        references = {"/".join(parse_label_reference(reference)) for reference in labels or ()}
+        return cls(folder, start, end, names, tuple(sorted(references)))
+
+
+def parse_label_reference(reference: str | None) -> tuple[str, str]:
+    """(set, label) of a "SET/LABEL" label filter (the first "/" splits: label names may hold more); QueryError if malformed."""
+    set_name, sep, label = (reference or "").strip().partition("/")
+    if not sep or not set_name.strip() or not label.strip():
+        raise QueryError(f"label filter {(reference or '')[:60]!r} is not SET/LABEL", "e.g. label=scenes/beach")
+    return set_name.strip(), label.strip()
 
 
 def _parse_date(text: str | None, name: str) -> date | None:

@@ -6,9 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from clipsearch.cli import main
 from clipsearch.errors import QueryError
 from clipsearch.search import label_calibration as calib
 
@@ -176,17 +174,9 @@ def test_review_errors(colours):
 
 
 def test_cli_review(photo_library, settings):
-    from tests.fakes import register_fake_encoder
+    from tests.test_labels import labels_cli
 
-    register_fake_encoder()
-    env = {"CLIPSEARCH_DATA_DIR": str(settings.data_dir), "CLIPSEARCH_MODEL": "test-colors", "CLIPSEARCH_PRETRAINED": "v1"}
-    runner = CliRunner()
-
-    def run(*args, code=0):
-        result = runner.invoke(main, ["labels", *args], env=env)
-        assert result.exit_code == code, result.output
-        return result.output
-
+    run = labels_cli(settings)
     run("add", "s", "red")
     run("add", "s", "blue")
     run("apply", "s")

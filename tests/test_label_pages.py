@@ -5,21 +5,8 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
-from clipsearch.webui.openapi import openapi_document
-from tests.test_openapi import DOC_URI, check_response
-
-
-@pytest.fixture(scope="module")
-def document():
-    return openapi_document()
-
-
-@pytest.fixture(scope="module")
-def registry(document):
-    return Registry().with_resource(DOC_URI, Resource.from_contents(document, default_specification=DRAFT202012))
+from tests.test_openapi import check_response, document, registry  # noqa: F401  (document, registry: fixtures)
 
 
 def stems(photos):

@@ -256,7 +256,8 @@ def test_logit_scale_of_models():
     assert logit_scale_of(type("E", (), {"logit_scale": 1e9})()) == DEFAULT_LOGIT_SCALE
 
 
-def test_cli_round_trip(photo_library, settings, monkeypatch):
+def labels_cli(settings):
+    """run(*args, code=0): `clipsearch labels ARGS` on the test library with the fake encoder; asserts the exit code."""
     from tests.fakes import register_fake_encoder
 
     register_fake_encoder()
@@ -268,6 +269,11 @@ def test_cli_round_trip(photo_library, settings, monkeypatch):
         assert result.exit_code == code, result.output
         return result.output
 
+    return run
+
+
+def test_cli_round_trip(photo_library, settings):
+    run = labels_cli(settings)
     run("add", "colours", "red")
     run("add", "colours", "blue", "--prompt", "a blue photo", "--threshold", "0.4")
     run("add", "--preset", "pets")

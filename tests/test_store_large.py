@@ -9,17 +9,9 @@ import pytest
 
 from clipsearch import ann, ann_disk
 from clipsearch import store as store_module
-from clipsearch.catalog import Catalog
 from clipsearch.config import load_settings
 from clipsearch.store import VectorStore, shard_folder, store_size_bytes
-from tests.test_store_ann import bulk_fill, clustered, delete_ids, recall_at_10, set_vector
-
-
-@pytest.fixture
-def catalog(tmp_path):
-    catalog = Catalog(tmp_path / "catalog.sqlite3")
-    yield catalog
-    catalog.close()
+from tests.test_store_ann import bulk_fill, catalog, clustered, delete_ids, recall_at_10, set_vector  # noqa: F401  (catalog: a fixture)
 
 
 @pytest.fixture

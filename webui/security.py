@@ -40,9 +40,9 @@ def is_cross_site() -> bool:
     if fetch_site is not None:
         return fetch_site not in ("same-origin", "none")
     origin = request.headers.get("Origin")
-    if origin is None or origin == "null":
-        return origin == "null"
-    return urlsplit(origin).netloc.lower() != request.host.lower()
+    if origin is None:
+        return False
+    return origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()
 
 
 def is_loopback(host: str) -> bool:
