@@ -1,4 +1,4 @@
-"""The catalog: SQLite through SQLAlchemy, the source of truth for images, their metadata and their vectors."""
+"""The catalog: SQLite or PostgreSQL through SQLAlchemy, the source of truth for images, their metadata and vectors."""
 
 from __future__ import annotations
 
@@ -10,35 +10,21 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import (
-    DDL,
-    DateTime,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    create_engine,
-    delete,
-    event,
-    func,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, delete, event, func, select, text, update
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from clipsearch.errors import LibraryError
+from clipsearch.catalog_sql import catalog_url, create_catalog_engine, display_url, epoch_seconds, file_datetime, storage_error
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
 
 def utcnow() -> datetime:
-    """The current time as a naive UTC datetime (SQLite stores no zone)."""
+    """The current time as a naive UTC datetime (the catalog stores no zone)."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
@@ -46,15 +32,21 @@ class Base(DeclarativeBase):
     pass
 
 
+# Paths compare byte-wise on every database: range scans over a folder's paths rely on it ('/' < '0').
+PathString = String().with_variant(String(collation="C"), "postgresql")
+# Byte sizes and nanosecond times outgrow 32 bits; SQLite's INTEGER is 64-bit already (and keeps old catalogs equal).
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class ImageRow(Base):
     """One image file known to the library (indexed, or failed with a reason)."""
 
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
-    root: Mapped[str] = mapped_column(String, index=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(PathString, unique=True)
+    root: Mapped[str] = mapped_column(PathString, index=True)
+    size: Mapped[int] = mapped_column(BigInt)
+    mtime_ns: Mapped[int] = mapped_column(BigInt)
     content_hash: Mapped[str | None] = mapped_column(String, index=True)
     width: Mapped[int | None]
     height: Mapped[int | None]
@@ -79,7 +71,7 @@ class RootRow(Base):
     """A folder the user asked to index."""
 
     __tablename__ = "roots"
-    path: Mapped[str] = mapped_column(String, primary_key=True)
+    path: Mapped[str] = mapped_column(PathString, primary_key=True)
     added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_indexed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -93,24 +85,12 @@ class MetaRow(Base):
 
 
 class VectorChangeRow(Base):
-    """Log of embedding changes, filled by triggers, so derived vector stores can catch up incrementally."""
+    """Log of embedding changes, filled by triggers (see the migrations), so derived vector stores catch up incrementally."""
 
     __tablename__ = "vector_changes"
     __table_args__ = {"sqlite_autoincrement": True}
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     image_id: Mapped[int] = mapped_column(Integer)
-
-
-# Triggers rather than application code, so no writer can change a vector without the stores noticing.
-for _op, _ref in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
-    event.listen(
-        EmbeddingRow.__table__,
-        "after_create",
-        DDL(
-            f"CREATE TRIGGER IF NOT EXISTS embeddings_log_{_op.lower()} AFTER {_op} ON embeddings "
-            f"BEGIN INSERT INTO vector_changes (image_id) VALUES ({_ref}.image_id); END"
-        ),
-    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +117,7 @@ def _known_images():
 VERSION_KEY = "catalog_version"
 _BUMP_VERSION = text(
     f"INSERT INTO library_meta (key, value) VALUES ('{VERSION_KEY}', '1') "
-    "ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+    "ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(library_meta.value AS INTEGER) + 1 AS VARCHAR)"
 )
 
 
@@ -151,60 +131,53 @@ def _note_statement(state) -> None:
         state.session.info["changed"] = True
 
 
-def _sqlite_pragmas(dbapi_connection, _record):
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    # NORMAL is safe against process crashes (kill -9) in WAL mode; only power loss can drop the last commits.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
 def vector_to_blob(vector: np.ndarray) -> bytes:
     """Serialise one vector as little-endian float32 bytes."""
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
 class Catalog:
-    """Access to one library's SQLite catalog; every write goes through `write()`."""
+    """Access to one library's catalog (a SQLite file, or a database URL); every write goes through `write()`."""
 
-    def __init__(self, db_path: Path | str):
-        self.db_path = Path(db_path)
-        try:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LibraryError(f"cannot create library folder {self.db_path.parent}: {e}", "choose another --data-dir") from e
-        self.engine = create_engine(f"sqlite:///{self.db_path}", future=True)
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+    def __init__(self, location: Path | str):
+        self.url = catalog_url(location)
+        self.backend = self.url.get_backend_name()
+        self.where = display_url(self.url)  # for messages: never the password
+        self.db_path = Path(self.url.database) if self.backend == "sqlite" else None
+        if self.db_path is not None:
+            try:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LibraryError(f"cannot create library folder {self.db_path.parent}: {e}", "choose another --data-dir") from e
+        self.engine = create_catalog_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "after_flush", _note_flush)
         event.listen(self._sessions, "do_orm_execute", _note_statement)
         import clipsearch.label_tables  # noqa: F401  (registers the label tables on Base; imported here: no cycle)
+        from clipsearch.migrate import ensure_schema
 
+        lock = self.db_path.with_name(self.db_path.name + ".migrate.lock") if self.db_path is not None else None
         try:
-            Base.metadata.create_all(self.engine)
-            with self.engine.begin() as connection:
-                clipsearch.label_tables.drop_legacy_tables(connection)
-            self._check_schema()
-        except OperationalError as e:
-            raise _storage_error(e, self.db_path) from e
-
-    def _check_schema(self) -> None:
-        with self.write() as session:
-            found = session.get(MetaRow, "schema_version")
-            if found is None:
-                session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(found.value) > SCHEMA_VERSION:
-                raise LibraryError(
-                    f"library {self.db_path.parent} was written by a newer clipsearch (schema {found.value}, "
-                    f"this version reads up to {SCHEMA_VERSION})",
-                    "upgrade clipsearch (pip install -U clipsearch) or use another --data-dir",
-                )
+            ensure_schema(self.engine, self.where, lock)
+        except DBAPIError as e:
+            self.engine.dispose()
+            raise storage_error(e, self.where) from e
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         """Release the database connections."""
         self.engine.dispose()
+
+    def size_bytes(self) -> int:
+        """Disk space of the catalog: its SQLite files, or its tables and indexes in PostgreSQL."""
+        if self.db_path is not None:
+            return sum(_file_size(self.db_path.with_name(self.db_path.name + suffix)) for suffix in ("", "-wal", "-shm"))
+        names = sorted(Base.metadata.tables)
+        with self.read() as session:
+            query = text("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(name))), 0) FROM unnest(CAST(:names AS text[])) AS name")
+            return int(session.execute(query, {"names": names}).scalar() or 0)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -226,7 +199,7 @@ class Catalog:
             session.commit()
         except OperationalError as e:
             session.rollback()
-            raise _storage_error(e, self.db_path) from e
+            raise storage_error(e, self.where) from e
         except BaseException:
             session.rollback()
             raise
@@ -373,9 +346,9 @@ class Catalog:
             query = query.where(ImageRow.path >= low, ImageRow.path < high)
         date = photo_date()
         if date_from is not None:
-            query = query.where(date >= _sqlite_datetime(date_from))
+            query = query.where(date >= date_from)
         if date_to is not None:
-            query = query.where(date < _sqlite_datetime(date_to))
+            query = query.where(date < date_to)
         if formats:
             query = query.where(ImageRow.format.in_([f.upper() for f in formats]))
         for label_id in label_ids:
@@ -385,14 +358,12 @@ class Catalog:
 
     def date_keys(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids ascending, photo dates as seconds) of every indexed image, for sorting results by date in bulk."""
-        # Both the EXIF date and the file time read as seconds the same way SQLite reads them (naive = UTC), so
-        # the order matches photo_date(); one query instead of one lookup per result.
-        query = text(
-            "SELECT id, COALESCE(CAST(strftime('%s', taken_at) AS REAL), mtime_ns / 1e9) FROM images "
-            "WHERE status = :ok ORDER BY id"
-        )
+        # Both the EXIF date and the file time read as seconds the same way (naive = UTC), so the order matches
+        # photo_date(); one query instead of one lookup per result.
+        seconds_of = func.coalesce(epoch_seconds(ImageRow.taken_at), ImageRow.mtime_ns / 1e9)
+        query = select(ImageRow.id, seconds_of).where(ImageRow.status == STATUS_OK).order_by(ImageRow.id)
         with self.read() as session:
-            rows = session.execute(query, {"ok": STATUS_OK}).all()
+            rows = session.execute(query).all()
         ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
         seconds = np.fromiter((row[1] if row[1] is not None else 0.0 for row in rows), dtype=np.float64, count=len(rows))
         return ids, seconds
@@ -413,7 +384,7 @@ class Catalog:
             low, high = session.execute(select(func.min(date), func.max(date)).where(ImageRow.status == STATUS_OK)).one()
         if low is None:
             return None
-        return _parse_sqlite_datetime(low), _parse_sqlite_datetime(high)
+        return _as_datetime(low), _as_datetime(high)
 
     def folders(self, depth: int = 1) -> list[tuple[str, int]]:
         """(folder, indexed images under it) for each root and its subfolders down to `depth` levels."""
@@ -462,16 +433,11 @@ def file_time(mtime_ns: int) -> datetime:
 
 
 def photo_date():
-    """SQL expression of an image's date: its EXIF date taken, else its file time (both as SQLite datetime text)."""
-    # SQLAlchemy stores DateTime in SQLite as 'YYYY-MM-DD HH:MM:SS.ffffff' text, so text order is time order.
-    return func.coalesce(ImageRow.taken_at, func.strftime("%Y-%m-%d %H:%M:%f000", ImageRow.mtime_ns / 1_000_000_000, "unixepoch"))
+    """SQL expression of an image's date: its EXIF date taken, else its file time (a naive UTC datetime)."""
+    return func.coalesce(ImageRow.taken_at, file_datetime(ImageRow.mtime_ns), type_=DateTime())
 
 
-def _sqlite_datetime(value: datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _parse_sqlite_datetime(value) -> datetime:
+def _as_datetime(value) -> datetime:
     if isinstance(value, datetime):
         return value
     return datetime.fromisoformat(str(value).replace(" ", "T")[:26])
@@ -491,12 +457,25 @@ def touch_images(session: Session, changes: Iterable[tuple[int, dict]]) -> None:
         session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values, updated_at=utcnow()))
 
 
-def _storage_error(error: SQLAlchemyError, db_path: Path) -> LibraryError:
-    text = str(getattr(error, "orig", error))
-    if "full" in text:
-        return LibraryError(f"the disk holding {db_path} is full ({text})", "free some space and run the command again; nothing was lost")
-    if "locked" in text or "busy" in text:
-        return LibraryError(f"the catalog {db_path} stayed locked by another process ({text})", "wait for the other clipsearch command to finish")
-    if "readonly" in text or "unable to open" in text:
-        return LibraryError(f"cannot write the catalog {db_path} ({text})", "check the folder's permissions or choose another --data-dir")
-    return LibraryError(f"catalog error in {db_path}: {text}", "if the file is damaged, move it aside and re-index")
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def catalog_exists(location: Path | str | URL) -> bool:
+    """Whether a catalog is there already (without creating one): the SQLite file, or the tables in the database."""
+    url = location if isinstance(location, URL) else catalog_url(location)
+    if url.get_backend_name() == "sqlite":
+        return Path(url.database).is_file()
+    from sqlalchemy import inspect
+
+    engine = create_catalog_engine(url)
+    try:
+        with engine.connect() as connection:
+            return inspect(connection).has_table(ImageRow.__tablename__)
+    except DBAPIError as e:
+        raise storage_error(e, display_url(url)) from e
+    finally:
+        engine.dispose()

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from clipsearch import __version__
-from clipsearch.cli_common import ENCODER_SETTINGS, INDEX_SETTINGS, WATCH_SETTINGS, LazyGroup, reports_errors, settings_options
+from clipsearch.cli_common import ENCODER_SETTINGS, INDEX_SETTINGS, LIBRARY_SETTINGS, WATCH_SETTINGS, LazyGroup, reports_errors, settings_options
 from clipsearch.config import Settings, describe_settings
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -209,7 +209,7 @@ def _search_via_server(settings: Settings, query: str | None, like: str | None, 
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--failures", "max_failures", type=int, default=20, show_default=True, help="Failed files to list (0: all).")
 @reports_errors
-@settings_options("data_dir", "log_level")
+@settings_options(*LIBRARY_SETTINGS, "log_level")
 def status(as_json: bool, max_failures: int, settings: Settings) -> None:
     """Show the library: folder, model, image counts, vectors, failed files, sizes on disk."""
     from clipsearch.status import library_status
@@ -219,6 +219,7 @@ def status(as_json: bool, max_failures: int, settings: Settings) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     click.echo(f"library:   {info['data_dir']}" + ("" if info["exists"] else "  (empty: run clipsearch index DIR)"))
+    click.echo(f"catalog:   {info['catalog']}")
     click.echo(f"model:     {info['model'] or '-'}")
     click.echo(f"folders:   {', '.join(info['roots']) or '-'}")
     counts = info["counts"]
@@ -410,9 +411,11 @@ def eval_retrieval(images_dir: str, limit: int | None, json_out: str | None, as_
     _eval_output(result, as_json, json_out, rows)
 
 
-from clipsearch.cli_labels import labels_group  # noqa: E402  (its commands import their libraries lazily)
+from clipsearch.cli_db import db_group  # noqa: E402  (its commands import their libraries lazily)
+from clipsearch.cli_labels import labels_group  # noqa: E402
 
 main.add_command(labels_group)
+main.add_command(db_group)
 
 
 def run(argv: list[str] | None = None) -> Any:

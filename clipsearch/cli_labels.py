@@ -6,10 +6,10 @@ import json
 
 import click
 
-from clipsearch.cli_common import ENCODER_SETTINGS, reports_errors, settings_options
+from clipsearch.cli_common import ENCODER_SETTINGS, LIBRARY_SETTINGS, reports_errors, settings_options
 from clipsearch.config import Settings
 
-LABEL_SETTINGS = ("data_dir", "log_level")
+LABEL_SETTINGS = (*LIBRARY_SETTINGS, "log_level")
 
 
 @click.group("labels", short_help="Zero-shot labels: named label sets applied to the whole library.")

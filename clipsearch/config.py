@@ -32,8 +32,8 @@ def default_config_file() -> Path:
 
 
 def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, default_factory=None, secret: bool = False,
-             zero_ok: bool = False):
-    metadata = {"help": help, "choices": choices, "secret": secret, "zero_ok": zero_ok}
+             zero_ok: bool = False, url: bool = False):
+    metadata = {"help": help, "choices": choices, "secret": secret, "zero_ok": zero_ok, "url": url}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -47,6 +47,12 @@ class Settings:
         None,
         "Library folder holding the catalog, vector index, thumbnails and caches.",
         default_factory=default_data_dir,
+    )
+    db: str | None = _setting(
+        None,
+        "Catalog database as a URL, for a library shared by several servers: postgresql://USER:PASSWORD@HOST/DBNAME "
+        "(the vector index and thumbnails stay in data_dir). Default: the SQLite file catalog.sqlite3 in data_dir.",
+        url=True,
     )
     model: str = _setting(
         "ViT-B-32",
@@ -117,8 +123,13 @@ class Settings:
 
     @property
     def catalog_path(self) -> Path:
-        """The SQLite catalog file of this library."""
+        """The SQLite catalog file of this library (used unless `db` names another database)."""
         return self.data_dir / "catalog.sqlite3"
+
+    @property
+    def catalog_location(self) -> Path | str:
+        """Where the catalog lives: the `db` URL when set, else the SQLite file in data_dir."""
+        return self.db if self.db else self.catalog_path
 
     @property
     def vector_store_path(self) -> Path:
@@ -287,7 +298,23 @@ def describe_settings(settings: Settings | None = None) -> list[dict[str, Any]]:
         }
         if settings is not None:
             value = getattr(settings, f.name)
-            row["value"] = "(set, hidden)" if f.metadata.get("secret") and value else value
+            if f.metadata.get("secret") and value:
+                value = "(set, hidden)"
+            elif f.metadata.get("url") and value:
+                value = hide_password(value)
+            row["value"] = value
             row["explicit"] = f.name in settings.explicit
         rows.append(row)
     return rows
+
+
+def hide_password(url: str) -> str:
+    """A database URL with its password replaced by ***, for display."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))

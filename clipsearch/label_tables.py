@@ -1,9 +1,9 @@
 """Catalog tables of zero-shot labels: label sets, labels, cached text classifiers, calibrations, candidates, members, reviews.
 
-Registered on the catalog's `Base`, so every Catalog creates them (`create_all` adds missing tables to existing
-libraries too). Catalog.__init__ imports this module; this module imports only `Base` and `utcnow` from the catalog.
-Rows are removed by SQLite foreign keys (PRAGMA foreign_keys=ON): deleting an image drops its memberships and
-reviews, deleting a label drops its classifiers, calibrations, memberships and reviews, deleting a set drops its labels.
+Registered on the catalog's `Base`; the migrations (clipsearch/migrations) create them. Catalog.__init__ imports
+this module; this module imports only `Base` and `utcnow` from the catalog. Rows are removed by foreign keys
+(PostgreSQL always, SQLite with PRAGMA foreign_keys=ON): deleting an image drops its memberships and reviews,
+deleting a label drops its classifiers, calibrations, memberships and reviews, deleting a set drops its labels.
 The logic lives in clipsearch.search.label_sets (editing), .labels (classifying) and .label_feedback (reviews).
 """
 
@@ -103,12 +103,3 @@ class LabelReviewRow(Base):
     verdict: Mapped[str] = mapped_column(String)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
-
-# Tables of development builds before label feedback (derived data, or never written): dropped on open.
-LEGACY_TABLES = ("label_assignments", "label_feedback")
-
-
-def drop_legacy_tables(connection) -> None:
-    """Drop label tables an earlier development build created; their content is recomputed by `labels apply`."""
-    for name in LEGACY_TABLES:
-        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from clipsearch.catalog import Catalog
+from clipsearch.catalog import Catalog, catalog_exists
 from clipsearch.config import Settings
 from clipsearch.errors import LibraryBusyError, LibraryError, ModelMismatchError
 
@@ -29,13 +29,13 @@ class Library:
     def catalog(self) -> Catalog:
         """The catalog, opened (and created) on first use."""
         if self._catalog is None:
-            self._catalog = Catalog(self.settings.catalog_path)
+            self._catalog = Catalog(self.settings.catalog_location)
         return self._catalog
 
     @property
     def exists(self) -> bool:
-        """Whether this data folder already holds a catalog."""
-        return self.settings.catalog_path.is_file()
+        """Whether this library already has a catalog (the SQLite file, or the tables in the `db` database)."""
+        return catalog_exists(self.settings.catalog_location)
 
     @property
     def vector_store_path(self) -> Path:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipsearch.config import Settings
+from clipsearch.config import Settings, hide_password
 from clipsearch.library import Library
 from clipsearch.store import store_size_bytes
+
+
+def catalog_display(settings: Settings) -> str:
+    """Where the settings' catalog lives, fit to show (a database URL without its password, or the SQLite file)."""
+    return hide_password(settings.db) if settings.db else str(settings.catalog_path)
 
 
 def library_status(settings: Settings, max_failures: int | None = 20, store=None) -> dict[str, Any]:
@@ -17,6 +22,7 @@ def library_status(settings: Settings, max_failures: int | None = 20, store=None
     library = Library(settings)
     info: dict[str, Any] = {
         "data_dir": str(library.data_dir),
+        "catalog": catalog_display(settings),
         "exists": library.exists,
         "model": None,
         "model_name": None,
@@ -43,10 +49,7 @@ def library_status(settings: Settings, max_failures: int | None = 20, store=None
         store = store if store is not None else library.open_store()
         info["vectors"] = store.count if store is not None else 0
         info["index_kind"] = store.kind if store is not None else None
-        info["catalog_bytes"] = sum(
-            store_size_bytes(settings.catalog_path.with_name(settings.catalog_path.name + suffix))
-            for suffix in ("", "-wal", "-shm")
-        )
+        info["catalog_bytes"] = catalog.size_bytes()
         info["index_bytes"] = store_size_bytes(library.vector_store_path)
     finally:
         library.close()

@@ -30,6 +30,7 @@ import numpy as np
 from sqlalchemy import delete, select
 
 from clipsearch.catalog import Catalog, EmbeddingRow, vector_to_blob
+from clipsearch.catalog_sql import upsert_rows
 from clipsearch.errors import ConfigError, EmptyLibraryError
 from clipsearch.label_tables import (LabelCalibrationRow, LabelCandidateRow, LabelClassifierRow, LabelMemberRow,
                                      LabelReviewRow)
@@ -390,20 +391,17 @@ class Members:
     def write(self, session, classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
         """Insert the rows (the caller deleted what they replace); (image ids, label columns) written."""
         label_ids = np.array([label.id for label in classifier.labels], np.int64)
+        connection = session.connection()
         for ids, cols, probs in self.candidates:
-            if len(ids):
-                session.connection().exec_driver_sql(
-                    "INSERT OR REPLACE INTO label_candidates (image_id, label_id, probability) VALUES (?, ?, ?)",
-                    list(zip(ids.tolist(), label_ids[cols].tolist(), np.asarray(probs, np.float64).tolist())))
+            upsert_rows(connection, "label_candidates", ("image_id", "label_id"), ("image_id", "label_id", "probability"),
+                        list(zip(ids.tolist(), label_ids[cols].tolist(), np.asarray(probs, np.float64).tolist())))
         if not self.ids:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         ids, cols = np.concatenate(self.ids), np.concatenate(self.cols)
         rows = list(zip(ids.tolist(), label_ids[cols].tolist(), np.concatenate(self.probs).tolist(),
                         np.concatenate(self.strengths).tolist(), np.concatenate(self.confirmed).tolist()))
-        if rows:  # the driver's executemany: an ORM insert of a million dicts costs several times more
-            session.connection().exec_driver_sql(
-                "INSERT OR REPLACE INTO label_members (image_id, label_id, probability, strength, confirmed) "
-                "VALUES (?, ?, ?, ?, ?)", rows)
+        upsert_rows(connection, "label_members", ("image_id", "label_id"),
+                    ("image_id", "label_id", "probability", "strength", "confirmed"), rows)
         return ids, cols
 
 

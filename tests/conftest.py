@@ -7,6 +7,49 @@ from pathlib import Path
 import pytest
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+CATALOG_BACKENDS = ("sqlite", "postgresql")
+pytest_plugins = ["tests.postgres_fixtures"]
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked both_catalogs run once per catalog database (PostgreSQL from tests/install-postgres.sh)."""
+    if metafunc.definition.get_closest_marker("both_catalogs") and "db_backend" in metafunc.fixturenames:
+        metafunc.parametrize("db_backend", CATALOG_BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def db_backend(request) -> str:
+    """The catalog database of a test library: sqlite, unless parametrised or $CLIPSEARCH_TEST_CATALOG says otherwise."""
+    import os
+
+    backend = getattr(request, "param", None) or os.environ.get("CLIPSEARCH_TEST_CATALOG", "sqlite")
+    if backend not in CATALOG_BACKENDS:
+        raise pytest.UsageError(f"CLIPSEARCH_TEST_CATALOG={backend!r}: expected one of {', '.join(CATALOG_BACKENDS)}")
+    return backend
+
+
+@pytest.fixture
+def catalog_location(db_backend, tmp_path, request):
+    """Where a bare test catalog lives: a SQLite file in tmp_path, or a fresh PostgreSQL database."""
+    if db_backend == "sqlite":
+        return tmp_path / "catalog.sqlite3"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def catalog(catalog_location):
+    """A new, migrated catalog, closed after the test."""
+    from clipsearch.catalog import Catalog
+
+    opened = Catalog(catalog_location)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def db_setting(db_backend, request) -> str | None:
+    """The `db` setting of a test library: None (the SQLite file in data_dir) or a fresh PostgreSQL database."""
+    return request.getfixturevalue("postgres_url") if db_backend == "postgresql" else None
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +85,13 @@ def fake_encoder():
 
 
 @pytest.fixture
-def settings(tmp_path, fake_encoder):
-    """Settings for a library in tmp_path using the fake colour encoder."""
+def settings(tmp_path, fake_encoder, db_setting):
+    """Settings for a library in tmp_path using the fake colour encoder (catalog: see db_setting)."""
     from clipsearch.config import load_settings
 
     return load_settings(
-        {"data_dir": tmp_path / "library", "model": "test-colors", "pretrained": "v1", "workers": 2, "batch_size": 4},
+        {"data_dir": tmp_path / "library", "db": db_setting, "model": "test-colors", "pretrained": "v1", "workers": 2,
+         "batch_size": 4},
         env={},
     )
 

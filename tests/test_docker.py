@@ -416,8 +416,18 @@ def test_compose_requires_the_secrets_and_sets_only_real_settings(compose):
     assert {name for name in app_env if name.startswith("CLIPSEARCH_")} <= SETTING_VARIABLES
     postgres_env = compose["services"]["postgres"]["environment"]
     assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", postgres_env["POSTGRES_PASSWORD"])
-    if "db" in SETTING_NAMES:  # the PostgreSQL catalog has landed: the app must use the postgres service now
-        assert "postgres" in app_env.get("CLIPSEARCH_DB", ""), "set CLIPSEARCH_DB to the postgres service's URL"
-        assert "postgres" in compose["services"]["app"].get("depends_on", {})
-    else:
-        assert "CLIPSEARCH_DB" not in app_env, "no `db` setting yet: the app keeps its SQLite catalog in /data"
+
+
+
+def test_compose_app_keeps_its_catalog_in_the_postgres_service_once_it_is_healthy(compose):
+    from sqlalchemy.engine import make_url
+
+    from clipsearch.catalog_sql import catalog_url
+
+    app = compose["services"]["app"]
+    postgres_env = compose["services"]["postgres"]["environment"]
+    url = make_url(app["environment"]["CLIPSEARCH_DB"])
+    assert catalog_url(str(url)).drivername == "postgresql+psycopg"
+    assert (url.host, url.port, url.username, url.database) == ("postgres", 5432, postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_DB"])
+    assert url.password == "${POSTGRES_PASSWORD}", "the app must log in with the database's own password variable"
+    assert app["depends_on"] == {"postgres": {"condition": "service_healthy"}}

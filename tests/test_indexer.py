@@ -16,6 +16,8 @@ from clipsearch.indexer.run import index_folders
 from clipsearch.library import Library
 from tests.fakes import ColorWordEncoder, make_image
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 def colours(folder: Path, names=("red", "green", "blue", "yellow", "white", "black")) -> dict[str, Path]:
     return {name: make_image(folder / f"{name}.png", name) for name in names}

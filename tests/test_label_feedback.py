@@ -10,6 +10,8 @@ import pytest
 from clipsearch.errors import QueryError
 from clipsearch.search import label_calibration as calib
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 # --- arithmetic -----------------------------------------------------------------------------------------
 def test_softmax_within_set_matches_numpy():

@@ -8,6 +8,8 @@ import pytest
 
 from tests.test_openapi import check_response, document, registry  # noqa: F401  (document, registry: fixtures)
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 def stems(photos):
     return sorted(p["name"].split(".")[0] for p in photos)

@@ -11,6 +11,8 @@ from sqlalchemy import select
 from clipsearch.cli import main
 from clipsearch.errors import ConfigError, EmptyLibraryError, QueryError
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 @pytest.fixture
 def catalog(photo_library, settings):
@@ -261,7 +263,8 @@ def labels_cli(settings):
     from tests.fakes import register_fake_encoder
 
     register_fake_encoder()
-    env = {"CLIPSEARCH_DATA_DIR": str(settings.data_dir), "CLIPSEARCH_MODEL": "test-colors", "CLIPSEARCH_PRETRAINED": "v1"}
+    env = {"CLIPSEARCH_DATA_DIR": str(settings.data_dir), "CLIPSEARCH_MODEL": "test-colors", "CLIPSEARCH_PRETRAINED": "v1",
+           "CLIPSEARCH_DB": settings.db}  # None leaves it unset
     runner = CliRunner()
 
     def run(*args, code=0):
@@ -296,14 +299,9 @@ def test_cli_round_trip(photo_library, settings):
 
 
 def test_cli_apply_on_empty_library(settings):
-    from tests.fakes import register_fake_encoder
-
-    register_fake_encoder()
-    env = {"CLIPSEARCH_DATA_DIR": str(settings.data_dir), "CLIPSEARCH_MODEL": "test-colors", "CLIPSEARCH_PRETRAINED": "v1"}
-    runner = CliRunner()
-    assert runner.invoke(main, ["labels", "add", "s", "red"], env=env).exit_code == 0
-    result = runner.invoke(main, ["labels", "apply"], env=env)
-    assert result.exit_code == 1 and "no images" in result.output
+    run = labels_cli(settings)
+    run("add", "s", "red")
+    assert "no images" in run("apply", code=1)
 
 
 def test_labels_help_does_not_import_heavy_libraries():

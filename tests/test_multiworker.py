@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from clipsearch import server_link
 from clipsearch.library import Library
@@ -246,6 +247,7 @@ def served_names(url: str, folder: Path) -> set[str]:
     return {os.path.basename(hit["path"]) for hit in answer["results"]}
 
 
+@pytest.mark.both_catalogs  # PostgreSQL: the catalog of a library that several servers share
 def test_gunicorn_workers_search_while_a_separate_watcher_indexes(settings, photo_library, tmp_path):
     root = photo_library["home/red1.png"].parents[1]
     added_dir = root / "new"

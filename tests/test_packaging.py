@@ -30,6 +30,9 @@ def test_wheel_contains_the_whole_layout(tmp_path):
         "clipsearch/webui/__init__.py",
         "clipsearch/training/__init__.py",
         "clipsearch/model_configs/clipsearch-tiny.json",
+        "clipsearch/migrations/env.py",  # Alembic finds the migrations by path: the folder must be installed whole
+        "clipsearch/migrations/script.py.mako",
+        "clipsearch/migrations/versions/0001_baseline.py",
     ):
         assert expected in names, expected
     assert not any(name.startswith(("search/", "indexer/", "tests/")) for name in names)

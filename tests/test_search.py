@@ -10,6 +10,8 @@ from clipsearch.library import Library
 from clipsearch.search.searcher import Searcher
 from tests.fakes import COLOR_NAMES, make_image
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 @pytest.fixture
 def indexed(tmp_path, settings, fake_encoder):

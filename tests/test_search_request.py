@@ -15,6 +15,8 @@ from clipsearch.search.relevance import relevance_cutoff
 from clipsearch.search.request import MAX_K, SearchFilters, SearchRequest
 from clipsearch.search.searcher import Searcher
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 @pytest.fixture
 def searcher(settings, fake_encoder, photo_library):

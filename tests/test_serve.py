@@ -32,6 +32,8 @@ LAUNCH = (
 def cli_env(settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")}
     env.update(CLIPSEARCH_DATA_DIR=str(settings.data_dir), CLIPSEARCH_MODEL=FAKE_MODEL, CLIPSEARCH_PRETRAINED="v1")
+    if settings.db:
+        env["CLIPSEARCH_DB"] = settings.db
     return env
 
 

@@ -9,6 +9,8 @@ from clipsearch.catalog import Catalog, EmbeddingRow, ImageRow, vector_to_blob
 from clipsearch.store import VectorStore
 from sqlalchemy import delete
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 def unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
@@ -25,13 +27,6 @@ def fill_catalog(catalog: Catalog, vectors: np.ndarray, model_id: str = "m/1") -
             session.add(EmbeddingRow(image_id=row.id, model=model_id, vector=vector_to_blob(vector)))
             ids.append(row.id)
     return ids
-
-
-@pytest.fixture
-def catalog(tmp_path):
-    catalog = Catalog(tmp_path / "catalog.sqlite3")
-    yield catalog
-    catalog.close()
 
 
 def test_search_matches_brute_force(tmp_path, catalog):

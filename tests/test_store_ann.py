@@ -15,6 +15,8 @@ from clipsearch.config import load_settings
 from clipsearch.errors import ConfigError
 from clipsearch.store import MAGIC, HEADER_LENGTH_BYTES, VectorStore, target_kind
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 def clustered(n: int, dim: int, clusters: int = 200, seed: int = 0, noise: float = 1.0) -> np.ndarray:
     """Unit vectors around fixed random cluster centres (the same centres for every seed)."""
@@ -53,13 +55,6 @@ def set_vector(catalog: Catalog, image_id: int, vector: np.ndarray) -> None:
 
 def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / t.size for f, t in zip(found, truth)]))
-
-
-@pytest.fixture
-def catalog(tmp_path):
-    catalog = Catalog(tmp_path / "catalog.sqlite3")
-    yield catalog
-    catalog.close()
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from clipsearch.indexer.watch import Watcher
 from clipsearch.library import Library
 from tests.fakes import make_image
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 
 class Clock:
     def __init__(self):

@@ -11,6 +11,8 @@ from PIL import Image
 from clipsearch.library import Library
 from tests.fakes import make_image
 
+pytestmark = pytest.mark.both_catalogs  # also on PostgreSQL (see tests/conftest.py)
+
 SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options", "Referrer-Policy")
 
 
@@ -217,13 +219,11 @@ def test_bad_uploads(client, photo_library, payload, status, words):
     assert response.status_code == status and words in response.json["error"]["message"]
 
 
-def test_upload_size_and_pixel_caps(tmp_path, fake_encoder, photo_library):
+def test_upload_size_and_pixel_caps(settings, fake_encoder, photo_library):
     from clipsearch.config import with_overrides
-    from clipsearch.config import load_settings
     from clipsearch.webui.app import create_app
 
-    settings = load_settings({"data_dir": tmp_path / "library", "model": "test-colors", "pretrained": "v1",
-                              "max_upload_mb": 1, "max_image_pixels": 1_000_000}, env={})
+    settings = with_overrides(settings, max_upload_mb=1, max_image_pixels=1_000_000)
     client = create_app(settings, fake_encoder, {"TESTING": True}).test_client()
     big = os.urandom(2 * 1024 * 1024)
     response = client.post("/api/search", data={"image": (io.BytesIO(big), "big.jpg")}, content_type="multipart/form-data")

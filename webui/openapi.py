@@ -284,6 +284,7 @@ def schemas() -> dict[str, Schema]:
         }, description="The values the search filters offer."),
         "Status": obj({
             "data_dir": string("The library folder on the server."),
+            "catalog": string("Where the catalog lives: the SQLite file, or the database URL without its password."),
             "exists": {"type": "boolean", "description": "Whether a library has been created there."},
             "model": nullable(string("Id of the model the vectors come from (null before indexing).")),
             "model_name": nullable(string("open_clip model name (only when the library exists).")),

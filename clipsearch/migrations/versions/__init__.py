@@ -1,0 +1,1 @@
+"""Catalog schema revisions, oldest first (an __init__ only so that setuptools installs them)."""
