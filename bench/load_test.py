@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 from clipsearch import server_link  # noqa: E402
-from clipsearch.config import load_settings  # noqa: E402
+from clipsearch.config import hide_password, load_settings  # noqa: E402
 from clipsearch.library import Library  # noqa: E402
 from clipsearch.store import VectorStore  # noqa: E402
 from watch_latency import photo_bytes  # noqa: E402
@@ -240,6 +240,8 @@ def main() -> None:
     p.add_argument("--pretrained", default="none")
     p.add_argument("--settle", type=float, default=0.5, help="watch_settle_seconds of the watcher")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the added photos to be searchable")
+    p.add_argument("--db", help="catalog database URL, an empty PostgreSQL database (createdb NAME) shared by the watcher "
+                   "and the workers; default: SQLite in the scratch library folder")
     p.add_argument("--out", type=Path, help="write the JSON here instead of bench/results/")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
@@ -255,6 +257,8 @@ def main() -> None:
                    CLIPSEARCH_PRETRAINED="v1" if args.model == "fake" else args.pretrained,
                    CLIPSEARCH_WATCH_SETTLE_SECONDS=str(args.settle), PYTHONUNBUFFERED="1",
                    XDG_RUNTIME_DIR=str(scratch))  # gunicorn's control socket goes there (else under $HOME)
+        if args.db:
+            env["CLIPSEARCH_DB"] = args.db
         log.info("generating %d photos", args.initial + args.files)
         photos = photo_bytes(args.initial + args.files)
         for n, data in enumerate(photos[: args.initial]):
@@ -296,7 +300,7 @@ def main() -> None:
             server_exit = server.stop() if server is not None else None
             watcher_exit = watcher.stop()
         gunicorn_log = "".join(server.err) if server is not None else ""
-        settings = load_settings({"data_dir": data_dir}, env={})
+        settings = load_settings({"data_dir": data_dir, "db": args.db}, env={})
         library = Library(settings)
         try:
             store = VectorStore.load(library.vector_store_path)  # raises if the file is damaged
@@ -317,7 +321,9 @@ def main() -> None:
     report = {
         "timestamp": started_at.isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else hide_password(v) if k == "db" and v else v)
+                   for k, v in vars(args).items()},
+        "catalog": "postgresql" if args.db else "sqlite",
         "commands": {"server": ("gunicorn " if args.server == "gunicorn" else "clipsearch ") + " ".join(server_args),
                      "watcher": "clipsearch watch"},
         "omp_threads_per_process": threads,

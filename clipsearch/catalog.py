@@ -115,6 +115,8 @@ def _known_images():
 
 
 VERSION_KEY = "catalog_version"
+# PostgreSQL advisory lock (scoped to the catalog's database) held by the library's single writer, whatever machine.
+WRITER_LOCK_KEY = 0x636C6970_7772_6974  # "clipwrit"
 _BUMP_VERSION = text(
     f"INSERT INTO library_meta (key, value) VALUES ('{VERSION_KEY}', '1') "
     "ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(library_meta.value AS INTEGER) + 1 AS VARCHAR)"
@@ -170,6 +172,25 @@ class Catalog:
         """Release the database connections."""
         self.engine.dispose()
 
+    @contextmanager
+    def exclusive_writer(self) -> Iterator[bool]:
+        """Hold the catalog-wide writer lock where the database has one (PostgreSQL); yields False if another has it.
+
+        Writers on other machines share a PostgreSQL catalog, and the library folder's file lock need not reach
+        them (network file systems): this lock does. SQLite catalogs have only the file lock (always True here).
+        """
+        if self.backend != "postgresql":
+            yield True
+            return
+        # A session-level lock on a connection of its own, outside any transaction, for as long as the writer runs.
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            held = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": WRITER_LOCK_KEY}).scalar())
+            try:
+                yield held
+            finally:
+                if held:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": WRITER_LOCK_KEY})
+
     def size_bytes(self) -> int:
         """Disk space of the catalog: its SQLite files, or its tables and indexes in PostgreSQL."""
         if self.db_path is not None:
@@ -183,7 +204,10 @@ class Catalog:
     def read(self) -> Iterator[Session]:
         """A read-only session."""
         with self._sessions() as session:
-            yield session
+            try:
+                yield session
+            except OperationalError as e:  # the database went away, or its disk failed: say so, not a traceback
+                raise storage_error(e, self.where) from e
 
     @contextmanager
     def write(self) -> Iterator[Session]:

@@ -159,7 +159,7 @@ def storage_error(error: SQLAlchemyError | OSError, where: str) -> LibraryError:
         return LibraryError(f"cannot write the catalog {where} ({text})", "check the folder's permissions or choose another --data-dir")
     if "connection refused" in lowered or "could not connect" in lowered or "connection failed" in lowered or "timeout expired" in lowered:
         return LibraryError(f"cannot reach the catalog database {where} ({_first_line(text)})", "check that the PostgreSQL server is running and the --db URL (host, port)")
-    if "password authentication failed" in lowered or "role" in lowered and "does not exist" in lowered:
+    if "password authentication failed" in lowered or ("role" in lowered and "does not exist" in lowered):
         return LibraryError(f"the catalog database {where} refused the log-in ({_first_line(text)})", "check the user and password in the --db URL")
     if "database" in lowered and "does not exist" in lowered:
         return LibraryError(f"the catalog database {where} does not exist ({_first_line(text)})", "create it first (createdb NAME) or fix the --db URL")

@@ -80,11 +80,17 @@ class Library:
                     if holder.endswith("(watch)") else
                     "wait for it to finish (or stop it); only one indexer or watcher can write a library at a time",
                 )
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"clipsearch pid {os.getpid()}" + (f" ({purpose})" if purpose else ""))
-            handle.flush()
-            yield
+            with self.catalog.exclusive_writer() as held:
+                if not held:
+                    raise LibraryBusyError(
+                        f"the catalog {self.catalog.where} is being written by a clipsearch process on another machine",
+                        "only one indexer or watcher can write a library at a time: wait for it to finish, or stop it",
+                    )
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"clipsearch pid {os.getpid()}" + (f" ({purpose})" if purpose else ""))
+                handle.flush()
+                yield
         finally:
             _unlock(handle)
             handle.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +68,10 @@ def ensure_schema(engine: Engine, where: str, lock_path: Path | None = None) -> 
         with engine.begin() as connection:
             if engine.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": POSTGRESQL_LOCK_KEY})
+            else:
+                # Python's sqlite3 runs DDL outside transactions unless one is open: open it, so that a migration
+                # interrupted half-way (kill -9, full disk) leaves the catalog as it was.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             before = current_revision(connection)  # another process may have migrated while this one waited
             if before == HEAD_REVISION:
                 return
@@ -81,7 +84,11 @@ def ensure_schema(engine: Engine, where: str, lock_path: Path | None = None) -> 
 @contextmanager
 def _migration_lock(engine: Engine, lock_path: Path | None) -> Iterator[None]:
     """Serialise migrations of one SQLite file across processes (PostgreSQL: the advisory lock in ensure_schema)."""
-    if engine.dialect.name != "sqlite" or lock_path is None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: SQLite's own locking, and a baseline that only creates what is missing
+        fcntl = None
+    if engine.dialect.name != "sqlite" or lock_path is None or fcntl is None:
         yield
         return
     try:

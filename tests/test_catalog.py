@@ -309,3 +309,46 @@ def test_bad_catalog_urls_say_what_to_use():
     message = str(caught.value) + caught.value.hint
     assert "cannot reach" in message and "PostgreSQL server is running" in message
     assert "s3cret-pw" not in message and "***" in message
+
+
+def test_writers_on_two_machines_sharing_a_postgresql_catalog_take_turns(postgres_url, tmp_path):
+    from clipsearch.config import load_settings
+    from clipsearch.errors import LibraryBusyError
+    from clipsearch.library import Library
+
+    # Two library folders (two machines) on one catalog: their file locks cannot see each other.
+    here, there = (Library(load_settings({"data_dir": tmp_path / name, "db": postgres_url}, env={})) for name in ("a", "b"))
+    try:
+        with here.writer_lock("index"):
+            with pytest.raises(LibraryBusyError, match="another machine"):
+                with there.writer_lock("watch"):
+                    pass
+        with there.writer_lock("watch"):  # released with the first writer
+            pass
+    finally:
+        here.close()
+        there.close()
+
+
+def test_a_migration_interrupted_half_way_leaves_nothing_behind(catalog_location, monkeypatch):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    real_upgrade = command.upgrade
+
+    def crash_after_one_table(config, revision):
+        config.attributes["connection"].exec_driver_sql("CREATE TABLE images (id INTEGER PRIMARY KEY)")
+        raise RuntimeError("killed half-way")
+
+    monkeypatch.setattr(command, "upgrade", crash_after_one_table)
+    with pytest.raises(RuntimeError, match="half-way"):
+        Catalog(catalog_location)
+    monkeypatch.setattr(command, "upgrade", real_upgrade)
+    catalog = Catalog(catalog_location)  # the next open migrates from scratch, as if nothing had happened
+    try:
+        with catalog.engine.connect() as connection:
+            assert "id" in {c["name"] for c in inspect(connection).get_columns("images")}
+            assert len(inspect(connection).get_columns("images")) > 1
+        assert schema_differences(catalog) == []
+    finally:
+        catalog.close()

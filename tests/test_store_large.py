@@ -11,7 +11,7 @@ from clipsearch import ann, ann_disk
 from clipsearch import store as store_module
 from clipsearch.config import load_settings
 from clipsearch.store import VectorStore, shard_folder, store_size_bytes
-from tests.test_store_ann import bulk_fill, catalog, clustered, delete_ids, recall_at_10, set_vector  # noqa: F401  (catalog: a fixture)
+from tests.test_store_ann import bulk_fill, clustered, delete_ids, recall_at_10, set_vector
 
 
 @pytest.fixture

@@ -194,6 +194,9 @@ def _worker(rank: int, port: int) -> None:
             ours = ContrastiveLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD)
             theirs = ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD)
             torch.testing.assert_close(ours(images, texts, scale), theirs(images, texts, scale), rtol=1e-12, atol=1e-12)
+        # Both ranks past their last collective before either tears gloo down: a rank that leaves while the other
+        # still sends can abort it ("terminate called without an active exception", seen once under load).
+        distributed.barrier()
     finally:
         distributed.shutdown_distributed()
 
