@@ -106,7 +106,7 @@ def classify_only(catalog: Catalog, n_labels: int) -> tuple[float, int]:
     """Seconds to score every stored vector already in memory (calibration + matmul + softmax + strengths + cuts)."""
     (label_set,) = label_sets.label_sets(catalog, "bench")
     classifier = labels.set_classifier(catalog, label_set, MODEL_ID, None)
-    chunks = list(labels.iter_vector_chunks(catalog, MODEL_ID))
+    chunks = list(catalog.vector_chunks(MODEL_ID))
     started = time.perf_counter()
     cal = labels.calibrate(catalog, classifier, MODEL_ID, {})
     found = 0

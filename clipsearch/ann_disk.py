@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 from sqlalchemy import func, select
@@ -65,23 +65,6 @@ def all_ids(catalog: Catalog, model_id: str, chunk: int = 1_000_000) -> np.ndarr
         parts.append(np.asarray(rows, dtype=np.int64))
         last = int(rows[-1])
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def stream_vectors(catalog: Catalog, model_id: str, chunk: int = READ_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) of a model in id order, `chunk` rows per read transaction (keyset pagination)."""
-    last = -1
-    while True:
-        with catalog.read() as session:
-            query = select(EmbeddingRow.image_id, EmbeddingRow.vector).where(
-                EmbeddingRow.model == model_id, EmbeddingRow.image_id > last
-            )
-            rows = session.execute(query.order_by(EmbeddingRow.image_id).limit(chunk)).all()
-        if not rows:
-            return
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float32, copy=False)
-        last = int(ids[-1])
-        yield ids, vectors
 
 
 # --- files ----------------------------------------------------------------------------------------------------
@@ -393,7 +376,7 @@ def build_from_catalog(catalog: Catalog, model_id: str, dim: int, folder: Path, 
             scores, rows = faiss.knn(queries, vectors, min(heap.k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
             heap.add_result(scores, chunk_ids[rows])
 
-    names, sealed_ids = build_shards(trained, stream_vectors(catalog, model_id), folder, token, on_chunk=exact_answers)
+    names, sealed_ids = build_shards(trained, catalog.vector_chunks(model_id, READ_CHUNK), folder, token, on_chunk=exact_answers)
     near_heap.finalize()
     far_heap.finalize()
     index = ShardedIVF(trained, [read_shard(folder / name) for name in names], np.load(folder / f"{token}{IDS_SUFFIX}", mmap_mode="r"))

@@ -11,11 +11,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, delete, event, func, select, text, update
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from clipsearch.catalog_sql import catalog_url, create_catalog_engine, display_url, epoch_seconds, file_datetime, storage_error
+from clipsearch.catalog_sql import (catalog_url, create_catalog_engine, display_url, epoch_seconds, fetch_all, file_datetime,
+                                    file_size, id_chunk, id_in, storage_error)
+from clipsearch.errors import LibraryError
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class Catalog:
     def size_bytes(self) -> int:
         """Disk space of the catalog: its SQLite files, or its tables and indexes in PostgreSQL."""
         if self.db_path is not None:
-            return sum(_file_size(self.db_path.with_name(self.db_path.name + suffix)) for suffix in ("", "-wal", "-shm"))
+            return sum(file_size(self.db_path.with_name(self.db_path.name + suffix)) for suffix in ("", "-wal", "-shm"))
         names = sorted(Base.metadata.tables)
         with self.read() as session:
             query = text("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(name))), 0) FROM unnest(CAST(:names AS text[])) AS name")
@@ -315,13 +316,13 @@ class Catalog:
             if image_ids is None:
                 chunks: Iterable = [None]
             else:
-                all_ids = list(image_ids)
-                chunks = [all_ids[i : i + 500] for i in range(0, len(all_ids), 500)]
+                all_ids, step = [int(i) for i in image_ids], id_chunk(self.backend)
+                chunks = [all_ids[i : i + step] for i in range(0, len(all_ids), step)]
             for chunk in chunks:
                 query = select(EmbeddingRow.image_id, EmbeddingRow.vector).where(EmbeddingRow.model == model_id)
                 if chunk is not None:
-                    query = query.where(EmbeddingRow.image_id.in_(chunk))
-                for image_id, blob in session.execute(query.order_by(EmbeddingRow.image_id)):
+                    query = query.where(id_in(EmbeddingRow.image_id, chunk, self.backend))
+                for image_id, blob in fetch_all(session.connection(), query.order_by(EmbeddingRow.image_id)):
                     ids.append(image_id)
                     blobs.append(blob)
         if not ids:
@@ -331,6 +332,24 @@ class Catalog:
         # copy=False: '<f4' is float32 on little-endian hosts, so no further copy is made there.
         matrix = np.frombuffer(joined, dtype="<f4").reshape(len(ids), -1).astype(np.float32, copy=False)
         return np.asarray(ids, dtype=np.int64), matrix
+
+    def vector_chunks(self, model_id: str, chunk: int = 100_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of a model's embeddings in id order, `chunk` rows per read (bounded memory at 1M vectors)."""
+        last = -1
+        while True:
+            with self.read() as session:
+                query = select(EmbeddingRow.image_id, EmbeddingRow.vector).where(
+                    EmbeddingRow.model == model_id, EmbeddingRow.image_id > last)
+                rows = fetch_all(session.connection(), query.order_by(EmbeddingRow.image_id).limit(chunk))
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+            del rows
+            yield ids, matrix.astype(np.float32, copy=False)
+            last = int(ids[-1])
+            if len(ids) < chunk:
+                return
 
     def generation(self) -> int:
         """A counter that grows with every vector change (the newest change-log sequence number)."""
@@ -481,25 +500,3 @@ def touch_images(session: Session, changes: Iterable[tuple[int, dict]]) -> None:
         session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values, updated_at=utcnow()))
 
 
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def catalog_exists(location: Path | str | URL) -> bool:
-    """Whether a catalog is there already (without creating one): the SQLite file, or the tables in the database."""
-    url = location if isinstance(location, URL) else catalog_url(location)
-    if url.get_backend_name() == "sqlite":
-        return Path(url.database).is_file()
-    from sqlalchemy import inspect
-
-    engine = create_catalog_engine(url)
-    try:
-        with engine.connect() as connection:
-            return inspect(connection).has_table(ImageRow.__tablename__)
-    except DBAPIError as e:
-        raise storage_error(e, display_url(url)) from e
-    finally:
-        engine.dispose()

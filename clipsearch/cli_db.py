@@ -27,8 +27,7 @@ def db_group() -> None:
 @settings_options(*DB_SETTINGS)
 def db_status(as_json: bool, settings: Settings) -> None:
     """Show the catalog's database, its schema revision and the newest one this clipsearch knows."""
-    from clipsearch.catalog import catalog_exists
-    from clipsearch.catalog_sql import catalog_url, create_catalog_engine, display_url, storage_error
+    from clipsearch.catalog_sql import catalog_exists, catalog_url, create_catalog_engine, display_url, storage_error
     from clipsearch.migrate import HEAD_REVISION, current_revision
     from sqlalchemy.exc import DBAPIError
 
@@ -75,9 +74,9 @@ def db_copy(target: str, settings: Settings) -> None:
     Then use the new database with --db URL (or CLIPSEARCH_DB, or db = "URL" in clipsearch.toml) and the same
     --data-dir, whose vector index stays valid. The source catalog is left as it was.
     """
-    from clipsearch.catalog import Catalog, catalog_exists
+    from clipsearch.catalog import Catalog
     from clipsearch.catalog_copy import copy_catalog
-    from clipsearch.catalog_sql import catalog_url, display_url
+    from clipsearch.catalog_sql import catalog_exists, catalog_url, display_url
     from clipsearch.errors import LibraryError
 
     if catalog_url(target) == catalog_url(settings.catalog_location):

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from clipsearch.catalog import Catalog, catalog_exists
+from clipsearch.catalog import Catalog
+from clipsearch.catalog_sql import catalog_exists
 from clipsearch.config import Settings
 from clipsearch.errors import LibraryBusyError, LibraryError, ModelMismatchError
 

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from sqlalchemy import delete, select
@@ -321,26 +321,6 @@ def library_model_id(catalog: Catalog) -> str:
     return model["model_id"]
 
 
-def iter_vector_chunks(catalog: Catalog, model_id: str, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) of a model's embeddings, `chunk` rows at a time in id order (bounded memory at 1M vectors)."""
-    last = -1
-    while True:
-        with catalog.read() as session:
-            rows = session.execute(
-                select(EmbeddingRow.image_id, EmbeddingRow.vector)
-                .where(EmbeddingRow.model == model_id, EmbeddingRow.image_id > last)
-                .order_by(EmbeddingRow.image_id).limit(chunk)).all()
-        if not rows:
-            return
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1).astype(np.float32, copy=False)
-        del rows
-        yield ids, matrix
-        last = int(ids[-1])
-        if len(ids) < chunk:
-            return
-
-
 @dataclass
 class Members:
     """Rows of label_members being built (image ids, label columns, probabilities, strengths, confirmed flags) and
@@ -393,14 +373,14 @@ class Members:
         label_ids = np.array([label.id for label in classifier.labels], np.int64)
         connection = session.connection()
         for ids, cols, probs in self.candidates:
-            upsert_rows(connection, "label_candidates", ("image_id", "label_id"), ("image_id", "label_id", "probability"),
+            upsert_rows(connection, LabelCandidateRow.__table__, ("image_id", "label_id"), ("image_id", "label_id", "probability"),
                         list(zip(ids.tolist(), label_ids[cols].tolist(), np.asarray(probs, np.float64).tolist())))
         if not self.ids:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         ids, cols = np.concatenate(self.ids), np.concatenate(self.cols)
         rows = list(zip(ids.tolist(), label_ids[cols].tolist(), np.concatenate(self.probs).tolist(),
                         np.concatenate(self.strengths).tolist(), np.concatenate(self.confirmed).tolist()))
-        upsert_rows(connection, "label_members", ("image_id", "label_id"),
+        upsert_rows(connection, LabelMemberRow.__table__, ("image_id", "label_id"),
                     ("image_id", "label_id", "probability", "strength", "confirmed"), rows)
         return ids, cols
 
@@ -418,7 +398,7 @@ def apply_set(catalog: Catalog, set_name: str, encoder: EncoderSource = None, ch
     classify_seconds = time.perf_counter() - tick
     members, total = Members.empty(), 0
     confirmed = np.array(sorted({i for label in classifier.labels for i in reviews[label.id][0]}), np.int64)
-    for ids, vectors in iter_vector_chunks(catalog, model_id, chunk):
+    for ids, vectors in catalog.vector_chunks(model_id, chunk):
         tick = time.perf_counter()
         probs, z = cal.score(vectors, classifier)
         members.select(ids, probs, z, classifier, cal, reviews)

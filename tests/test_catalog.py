@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, select, text
 
-from clipsearch.catalog import (STATUS_FAILED, STATUS_OK, Catalog, EmbeddingRow, ImageRow, RootRow, catalog_exists,
-                                file_time, vector_to_blob)
-from clipsearch.catalog_sql import upsert_rows
+from clipsearch.catalog import STATUS_FAILED, STATUS_OK, Catalog, EmbeddingRow, ImageRow, RootRow, file_time, vector_to_blob
+from clipsearch.catalog_sql import catalog_exists, upsert_rows
 from clipsearch.errors import ConfigError, LibraryError
 from clipsearch.label_tables import LabelMemberRow, LabelReviewRow, LabelRow, LabelSetRow
 from clipsearch.migrate import HEAD_REVISION, alembic_config, current_revision
@@ -195,10 +194,10 @@ def test_upsert_rows_inserts_and_replaces(catalog):
         session.add_all(labels)
         session.flush()
         columns = ("image_id", "label_id", "probability", "strength", "confirmed")
-        upsert_rows(session.connection(), "label_members", ("image_id", "label_id"), columns,
+        upsert_rows(session.connection(), LabelMemberRow.__table__, ("image_id", "label_id"), columns,
                     [(image.id, labels[0].id, 0.5, 1.0, False), (image.id, labels[1].id, 0.4, 0.5, True)])
-        upsert_rows(session.connection(), "label_members", ("image_id", "label_id"), columns,
-                    [(image.id, labels[0].id, 0.7, 3.0, True)])
+        upsert_rows(session.connection(), LabelMemberRow.__table__, ("image_id", "label_id"), columns,
+                    [(image.id, labels[0].id, 0.6, 2.0, False), (image.id, labels[0].id, 0.7, 3.0, True)])  # last wins
     with catalog.read() as session:
         got = {(m.label_id, m.probability, m.strength, m.confirmed) for m in session.scalars(select(LabelMemberRow))}
     assert got == {(labels[0].id, 0.7, 3.0, True), (labels[1].id, 0.4, 0.5, True)}
