@@ -351,17 +351,22 @@ class Catalog:
             if len(ids) < chunk:
                 return
 
+    def log_state(self) -> tuple[int, int]:
+        """(log_floor(), generation()) in one query: what every search checks, so one round trip to the database."""
+        newest = select(func.max(VectorChangeRow.seq)).scalar_subquery()
+        floor = select(MetaRow.value).where(MetaRow.key == "vector_log_floor").scalar_subquery()
+        with self.read() as session:
+            newest_seq, floor_text = session.execute(select(newest, floor)).one()
+        floor_seq = int(floor_text) if floor_text else 0
+        return floor_seq, max(newest_seq or 0, floor_seq)
+
     def generation(self) -> int:
         """A counter that grows with every vector change (the newest change-log sequence number)."""
-        with self.read() as session:
-            newest = session.scalar(select(func.max(VectorChangeRow.seq))) or 0
-            floor = session.get(MetaRow, "vector_log_floor")
-        return max(newest, int(floor.value) if floor else 0)
+        return self.log_state()[1]
 
     def log_floor(self) -> int:
         """Changes up to this sequence number were pruned from the log."""
-        value = self.get_meta("vector_log_floor")
-        return int(value) if value else 0
+        return self.log_state()[0]
 
     def changes_since(self, seq: int) -> tuple[int, set[int]]:
         """(newest sequence number, ids of images whose vectors changed after `seq`)."""

@@ -191,14 +191,14 @@ def storage_error(error: SQLAlchemyError | OSError, where: str) -> LibraryError:
         return LibraryError(f"the catalog {where} stayed locked by another process ({text})", "wait for the other clipsearch command to finish")
     if "readonly" in lowered or "unable to open" in lowered:
         return LibraryError(f"cannot write the catalog {where} ({text})", "check the folder's permissions or choose another --data-dir")
-    if "connection refused" in lowered or "could not connect" in lowered or "connection failed" in lowered or "timeout expired" in lowered:
-        return LibraryError(f"cannot reach the catalog database {where} ({_first_line(text)})", "check that the PostgreSQL server is running and the --db URL (host, port)")
     if "password authentication failed" in lowered or ("role" in lowered and "does not exist" in lowered):
         return LibraryError(f"the catalog database {where} refused the log-in ({_first_line(text)})", "check the user and password in the --db URL")
     if "database" in lowered and "does not exist" in lowered:
         return LibraryError(f"the catalog database {where} does not exist ({_first_line(text)})", "create it first (createdb NAME) or fix the --db URL")
+    if "connection refused" in lowered or "could not connect" in lowered or "connection failed" in lowered or "timeout expired" in lowered:
+        return LibraryError(f"cannot reach the catalog database {where} ({_first_line(text)})", "check that the PostgreSQL server is running and the --db URL (host, port)")
     if "permission denied" in lowered:
-        return LibraryError(f"the catalog database {where} refused an operation ({_first_line(text)})", "grant the --db user rights on the database (it creates and alters the catalog's tables)")
+        return LibraryError(f"the catalog database {where} refused an operation ({_first_line(text)})", "make the --db user the database's owner (createdb -O USER NAME, or ALTER DATABASE NAME OWNER TO USER): it creates and alters the catalog's tables")
     return LibraryError(f"catalog error in {where}: {_first_line(text)}", "if the catalog is damaged, move it aside and re-index")
 
 

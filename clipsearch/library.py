@@ -36,6 +36,8 @@ class Library:
     @property
     def exists(self) -> bool:
         """Whether this library already has a catalog (the SQLite file, or the tables in the `db` database)."""
+        if self._catalog is not None and self._catalog.backend != "sqlite":
+            return True  # opened, hence created; asking the server again would cost a new connection per search
         return catalog_exists(self.settings.catalog_location)
 
     @property

@@ -195,7 +195,8 @@ class VectorStore:
         """Apply logged changes to this index (caller holds the lock or owns the store); None if the log cannot tell."""
         newest, changed_ids = catalog.changes_since(self.generation)
         # Checked after reading the log: a prune committed before that read shows here, so the read was complete.
-        if self.generation < catalog.log_floor() or self.generation > catalog.generation():
+        floor, generation = catalog.log_state()
+        if self.generation < floor or self.generation > generation:
             return None
         if not changed_ids:
             return False

@@ -82,9 +82,10 @@ class Searcher:
             if not self.library.exists:
                 raise self._empty()
             catalog = self.library.catalog
-            if self._store is None or self._store.generation < catalog.log_floor():
+            floor, generation = catalog.log_state()
+            if self._store is None or self._store.generation < floor:
                 self._store = self.library.open_store(self.background_rebuild)
-            elif self._store.generation != catalog.generation():
+            elif self._store.generation != generation:
                 # Another process indexed: catch up from the change log instead of re-reading the whole file.
                 library_model = catalog.library_model()
                 if library_model is None or library_model["model_id"] != self._store.model_id:

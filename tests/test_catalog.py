@@ -351,3 +351,17 @@ def test_a_migration_interrupted_half_way_leaves_nothing_behind(catalog_location
         assert schema_differences(catalog) == []
     finally:
         catalog.close()
+
+
+def test_postgresql_log_in_and_missing_database_errors_say_what_to_do(postgres_admin_url):
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(postgres_admin_url)
+    cases = [
+        (admin.set(password="not-the-password"), "refused the log-in", "user and password"),
+        (admin.set(database="clipsearch_no_such_database"), "does not exist", "createdb"),
+    ]
+    for url, message, hint in cases:
+        with pytest.raises(LibraryError, match=message) as caught:
+            Catalog(url.render_as_string(hide_password=False))
+        assert hint in caught.value.hint and "not-the-password" not in str(caught.value)

@@ -259,7 +259,8 @@ def test_gunicorn_workers_search_while_a_separate_watcher_indexes(settings, phot
         env = {**cli_env(settings), "CLIPSEARCH_ACCESS_TOKEN": TOKEN, "XDG_RUNTIME_DIR": str(tmp_path)}
         server = Gunicorn(settings, WORKERS, env, tmp_path)
         # Every worker answers once it has booted (requests wait in the listen queue meanwhile).
-        assert call(server.url + "api/status")[0] == 200
+        status, answer = call(server.url + "api/status")
+        assert status == 200, (answer, "".join(server.log[-40:]))
 
         # A browser log-in made with one worker is honoured by all of them: they share the session key.
         jar = http.cookiejar.CookieJar()

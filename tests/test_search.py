@@ -105,3 +105,15 @@ def test_injected_encoder_of_another_model_is_refused(settings, indexed):
     other = ColorWordEncoder(EncoderSpec("test-colors", "v7"))
     with pytest.raises(ModelMismatchError):
         Searcher(searcher.library, other).search_text("red", k=1)
+
+
+def test_searches_reuse_the_open_catalog(indexed, monkeypatch):
+    import clipsearch.catalog_sql
+
+    searcher, _ = indexed
+    searcher.search_text("a red photo", k=1)
+    opened = []
+    monkeypatch.setattr(clipsearch.catalog_sql, "create_catalog_engine", lambda url: opened.append(url))
+    for _ in range(3):  # a new engine per search costs a PostgreSQL log-in each time (4x slower searches under load)
+        searcher.search_text("a red photo", k=1)
+    assert opened == []
