@@ -156,6 +156,9 @@ class Catalog:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "after_flush", _note_flush)
         event.listen(self._sessions, "do_orm_execute", _note_statement)
+        # PostgreSQL reads outside transactions, as SQLite's are: no BEGIN and ROLLBACK round trips per read.
+        reading = self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.backend == "postgresql" else self.engine
+        self._read_sessions = sessionmaker(reading, expire_on_commit=False)
         import clipsearch.label_tables  # noqa: F401  (registers the label tables on Base; imported here: no cycle)
         from clipsearch.migrate import ensure_schema
 
@@ -203,8 +206,8 @@ class Catalog:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A read-only session."""
-        with self._sessions() as session:
+        """A read-only session; on PostgreSQL each statement sees the latest commits (no snapshot across them)."""
+        with self._read_sessions() as session:
             try:
                 yield session
             except OperationalError as e:  # the database went away, or its disk failed: say so, not a traceback
@@ -437,7 +440,7 @@ class Catalog:
     def folders(self, depth: int = 1) -> list[tuple[str, int]]:
         """(folder, indexed images under it) for each root and its subfolders down to `depth` levels."""
         counts: dict[str, int] = {}
-        with self.read() as session:
+        with self._sessions() as session:  # a transaction: streaming (yield_per) needs a server-side cursor in one
             rows = session.execute(
                 select(ImageRow.root, ImageRow.path).where(ImageRow.status == STATUS_OK).execution_options(yield_per=5000)
             )

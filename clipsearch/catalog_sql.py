@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
 from sqlalchemy import DateTime, Float, Table, create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -52,12 +53,38 @@ def create_catalog_engine(url: URL) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     try:
-        return create_engine(
-            url, pool_pre_ping=True, pool_size=4, max_overflow=8,
-            connect_args={"connect_timeout": 10, "application_name": "clipsearch"},
+        engine = create_engine(
+            url, pool_size=4, max_overflow=8, connect_args={"connect_timeout": 10, "application_name": "clipsearch"},
         )
     except ModuleNotFoundError as e:
         raise ConfigError(f"no PostgreSQL driver for {display_url(url)}: {e}", "pip install 'psycopg[binary]'") from e
+    event.listen(engine.pool, "checkin", _note_checkin)
+    event.listen(engine.pool, "checkout", _ping_if_idle)
+    return engine
+
+
+PING_AFTER_IDLE_S = 10.0
+
+
+def _note_checkin(_dbapi_connection, record) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
+    """Check a pooled PostgreSQL connection that sat idle before handing it out (the server may have restarted).
+
+    SQLAlchemy's pool_pre_ping checks every checkout: a round trip per read, a quarter of a busy server's search
+    time. Connections in steady use are known to be alive; a dead one is replaced here, transparently.
+    """
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        dbapi_connection.rollback()
+    except Exception as e:  # noqa: BLE001 (any failure means: do not use this connection)
+        raise DisconnectionError(f"catalog connection idle for {time.monotonic() - idle_since:.0f} s is gone: {e}") from e
 
 
 def _sqlite_pragmas(dbapi_connection, _record):

@@ -365,3 +365,25 @@ def test_postgresql_log_in_and_missing_database_errors_say_what_to_do(postgres_a
         with pytest.raises(LibraryError, match=message) as caught:
             Catalog(url.render_as_string(hide_password=False))
         assert hint in caught.value.hint and "not-the-password" not in str(caught.value)
+
+
+def test_pooled_postgresql_connections_survive_a_server_restart(postgres_url, postgres_admin_url, monkeypatch):
+    import clipsearch.catalog_sql
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    catalog = Catalog(postgres_url)
+    try:
+        assert catalog.counts()["images"] == 0  # a pooled connection now
+        admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:  # what a restart does to the pool: every session of the database ends
+            connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                               {"name": make_url(postgres_url).database})
+        admin.dispose()
+        monkeypatch.setattr(clipsearch.catalog_sql, "PING_AFTER_IDLE_S", 0.0)  # the pooled connection counts as idle
+        assert catalog.counts()["images"] == 0  # checked on checkout, replaced, and the read just works
+        with catalog.write() as session:
+            add_image(session, "/photos/after-restart.jpg")
+        assert catalog.counts()["images"] == 1
+    finally:
+        catalog.close()
