@@ -100,6 +100,26 @@ def postgres_url(postgres_admin_engine) -> Iterator[str]:
     try:
         yield url.render_as_string(hide_password=False)
     finally:
-        # FORCE ends the connections a test (or a pool it did not dispose) left open, so the drop cannot block.
-        with postgres_admin_engine.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop_database(postgres_admin_engine, name)
+
+
+def _drop_database(engine, name: str, attempts: int = 20) -> None:
+    """DROP DATABASE, ending the connections a test (or a pool it did not dispose) left open.
+
+    FORCE cannot end an autovacuum worker busy in the database (it runs as another role: InsufficientPrivilege)
+    while a plain DROP cancels autovacuum itself but refuses open sessions: try one, then the other, a few times.
+    """
+    import time
+
+    import sqlalchemy as sa
+
+    for attempt in range(attempts):
+        statement = f'DROP DATABASE IF EXISTS "{name}"' + (" WITH (FORCE)" if attempt % 2 == 0 else "")
+        try:
+            with engine.connect() as connection:
+                connection.execute(sa.text(statement))
+            return
+        except sa.exc.DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
