@@ -3,7 +3,7 @@
 For each backend it builds the same synthetic library: N photos with 512-d vectors written the way the indexer
 writes them (ORM rows, batches of 32 per transaction), in folders of 200, dated over ten years, then times what
 the search server and the label pages do with a catalog:
-  write_photos_per_s     indexer-style writes (rows + vectors + change log + version counter)
+  write_photos_per_s     writes as the indexer makes them (a batch's rows, then its vectors; change log, version)
   open_ms                opening an up-to-date catalog (schema check, no migration)
   vectors_ms             loading every vector (what a vector index rebuild reads)
   known_under_ms         the photos under one root (an incremental index run's plan)
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from labels import HashTextEncoder  # noqa: E402  (bench/labels.py: the same stand-in text tower)
 
 from clipsearch.catalog import Catalog, EmbeddingRow, ImageRow, vector_to_blob  # noqa: E402
-from clipsearch.catalog_sql import catalog_url, display_url  # noqa: E402
+from clipsearch.catalog_sql import catalog_url, display_url, upsert_rows  # noqa: E402
 from clipsearch.search import label_sets, labels  # noqa: E402
 
 log = logging.getLogger("bench.catalog_backends")
@@ -73,15 +73,17 @@ def write_library(catalog: Catalog, n: int, seed: int = 0) -> float:
     for first in range(0, n, BATCH):
         vectors = rng.standard_normal((min(BATCH, n - first), DIM)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        with catalog.write() as session:
-            for offset, vector in enumerate(vectors):
+        with catalog.write() as session:  # as Indexer._write_rows: the batch's rows in one flush, then its vectors
+            rows = []
+            for offset in range(len(vectors)):
                 i = first + offset
-                row = ImageRow(path=f"/photos/{i // 200:05d}/img_{i:07d}.jpg", root="/photos", size=3_000_000 + i,
-                               mtime_ns=start_ns + int(rng.integers(span_ns)), content_hash=f"{i:016x}", width=4000,
-                               height=3000, format="JPEG" if i % 4 else "HEIF", status="ok")
-                session.add(row)
-                session.flush()
-                session.merge(EmbeddingRow(image_id=row.id, model=MODEL_ID, vector=vector_to_blob(vector)))
+                rows.append(ImageRow(path=f"/photos/{i // 200:05d}/img_{i:07d}.jpg", root="/photos", size=3_000_000 + i,
+                                     mtime_ns=start_ns + int(rng.integers(span_ns)), content_hash=f"{i:016x}", width=4000,
+                                     height=3000, format="JPEG" if i % 4 else "HEIF", status="ok"))
+            session.add_all(rows)
+            session.flush()
+            upsert_rows(session.connection(), EmbeddingRow.__table__, ("image_id",), ("image_id", "model", "vector"),
+                        [(row.id, MODEL_ID, vector_to_blob(vector)) for row, vector in zip(rows, vectors)])
     return n / (time.perf_counter() - started)
 
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from clipsearch.catalog import STATUS_FAILED, STATUS_OK, EmbeddingRow, ImageRow, RootRow, delete_embeddings, touch_images, utcnow, vector_to_blob
+from clipsearch.catalog_sql import upsert_rows
 from clipsearch.config import Settings
 from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
 from clipsearch.errors import LibraryError
@@ -291,8 +292,12 @@ class Indexer:
         """Write a batch's outcomes into an open write session (vectors: one row per prepared item); the ids embedded."""
         model_id = self.encoder.model_id
         now = utcnow()
-        embedded_ids: list[int] = []
-        for index, item in enumerate(batch.prepared):
+        # A few statements per batch, not a few per photo: round trips count once the catalog is on a server.
+        existing = [item.candidate.existing_id for item in batch.prepared if item.candidate.existing_id is not None]
+        for start in range(0, len(existing), 500):  # load the rows to update at once; session.get then finds them
+            session.scalars(select(ImageRow).where(ImageRow.id.in_(existing[start : start + 500]))).all()
+        rows: list[ImageRow] = []
+        for item in batch.prepared:
             c, info = item.candidate, item.info
             values = dict(
                 path=c.path, root=c.root, size=c.size, mtime_ns=c.mtime_ns, content_hash=item.content_hash,
@@ -307,11 +312,13 @@ class Indexer:
             else:
                 row = ImageRow(**values, indexed_at=now)
                 session.add(row)
-                session.flush()
                 self.report.added += 1
-            session.merge(EmbeddingRow(image_id=row.id, model=model_id, vector=vector_to_blob(vectors[index])))
-            embedded_ids.append(row.id)
+            rows.append(row)
             self.report.decode_seconds += item.decode_seconds
+        session.flush()  # the new rows in multi-row INSERT ... RETURNING statements: their ids
+        embedded_ids = [row.id for row in rows]
+        upsert_rows(session.connection(), EmbeddingRow.__table__, ("image_id",), ("image_id", "model", "vector"),
+                    [(image_id, model_id, vector_to_blob(vectors[n])) for n, image_id in enumerate(embedded_ids)])
         self.report.embedded += len(batch.prepared)
         for failure in batch.failed:
             self._record_failure(session, failure, now)
