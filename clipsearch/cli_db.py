@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from clipsearch.cli_common import LIBRARY_SETTINGS, reports_errors, settings_options
-from clipsearch.config import Settings
+from clipsearch.config import Settings, hide_password
 
 DB_SETTINGS = (*LIBRARY_SETTINGS, "log_level")
 
@@ -87,10 +88,42 @@ def db_copy(target: str, settings: Settings) -> None:
     source, destination = Catalog(settings.catalog_location), Catalog(target)
     try:
         click.echo(f"copying {source.where} -> {destination.where}", err=True)
-        report = copy_catalog(source, destination)
+        with _CopyProgress(enabled=sys.stderr.isatty()) as progress:
+            report = copy_catalog(source, destination, progress=progress.update)
     finally:
         source.close()
         destination.close()
     tables = ", ".join(f"{name} {count}" for name, count in report.rows.items() if count)
     click.echo(f"copied {report.total} rows ({tables})")
-    click.echo(f"use it with: --db '{display_url(catalog_url(target))}' (with its password), same --data-dir")
+    click.echo(f"use it with: --db '{hide_password(target)}' (with its password), same --data-dir")
+
+
+class _CopyProgress:
+    """Rows copied so far, per table, on a terminal (rich; nothing when stderr is not one)."""
+
+    def __init__(self, enabled: bool):
+        self._progress = None
+        self._tasks: dict[str, int] = {}
+        if enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} rows"),
+                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+    def __enter__(self) -> "_CopyProgress":
+        if self._progress is not None:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def update(self, table: str, rows: int) -> None:
+        """Show `rows` copied of `table`."""
+        if self._progress is None:
+            return
+        if table not in self._tasks:
+            self._tasks[table] = self._progress.add_task(table, total=None)
+        self._progress.update(self._tasks[table], completed=rows)
