@@ -92,6 +92,18 @@ def test_copy_moves_a_sqlite_library_into_postgresql_without_reindexing(runner, 
     again = runner.invoke(main, ["db", "copy", "--to", postgres_url, "--data-dir", str(settings.data_dir)])
     assert again.exit_code != 0 and "already holds photos" in again.output
 
+    # And back: a PostgreSQL catalog copied into a SQLite file (a backup, or leaving the server) keeps every row.
+    backup = tmp_path / "backup" / "catalog.sqlite3"
+    result = runner.invoke(main, ["db", "copy", "--to", f"sqlite:///{backup}", "--data-dir", str(settings.data_dir),
+                                  "--db", postgres_url])
+    assert result.exit_code == 0, result.output
+    served, copied = Catalog(postgres_url), Catalog(backup)
+    try:
+        assert table_rows(copied) == table_rows(served)
+    finally:
+        served.close()
+        copied.close()
+
 
 def test_copy_refuses_a_missing_source_and_itself(runner, tmp_path):
     result = runner.invoke(main, ["db", "copy", "--to", f"sqlite:///{tmp_path}/other.sqlite3", "--data-dir", str(tmp_path / "none")])
