@@ -55,16 +55,18 @@ def ensure_schema(engine: Engine, where: str, lock_path: Path | None = None) -> 
 
     lock_path: for SQLite, a file to flock while migrating (PostgreSQL uses an advisory lock instead).
     """
-    with engine.connect() as connection:
-        found = current_revision(connection)
-    if found == HEAD_REVISION:
-        return
-    if found is not None and found not in known_revisions():
-        raise LibraryError(
-            f"the catalog {where} was written by a newer clipsearch (schema revision {found})",
-            "upgrade clipsearch (pip install -U clipsearch) or use another library",
-        )
+    # SQLite: the first look too goes under the file lock. Connections opening a new file together race while one
+    # of them turns it to WAL ("database is locked" at once, no busy wait); one at a time, the rest find it done.
     with _migration_lock(engine, lock_path):
+        with engine.connect() as connection:
+            found = current_revision(connection)
+        if found == HEAD_REVISION:
+            return
+        if found is not None and found not in known_revisions():
+            raise LibraryError(
+                f"the catalog {where} was written by a newer clipsearch (schema revision {found})",
+                "upgrade clipsearch (pip install -U clipsearch) or use another library",
+            )
         with engine.begin() as connection:
             if engine.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": POSTGRESQL_LOCK_KEY})
