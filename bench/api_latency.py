@@ -62,10 +62,10 @@ from clipsearch.encoders import EncoderSpec, load_encoder, model_id_for  # noqa:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from query_latency import clustered, load_average, peak_rss_mb  # noqa: E402
+from report import RESULTS_DIR, save_report  # noqa: E402
 
 log = logging.getLogger("bench.api_latency")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CASES = ("search", "newest", "newest_loose", "type_jpeg", "folder", "similar")  # see make_cases
 ROOT = "/bench/photos"
 FOLDER_FILTER = f"{ROOT}/2021"
@@ -553,11 +553,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
         "argv": sys.argv[1:],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = args.out or RESULTS_DIR / f"api_latency-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n", encoding="utf-8")
+    out = save_report("api_latency", report, started_at, args.out)
     log.info("written to %s\n%s", out, format_table(rows))
 
 

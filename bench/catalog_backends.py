@@ -22,7 +22,6 @@ talks to it over TCP on loopback, so network round trips are the smallest they c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -39,6 +38,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from labels import HashTextEncoder  # noqa: E402  (bench/labels.py: the same stand-in text tower)
+from report import save_report  # noqa: E402
 
 from clipsearch.catalog import Catalog, EmbeddingRow, ImageRow, vector_to_blob  # noqa: E402
 from clipsearch.catalog_sql import catalog_url, display_url, upsert_rows  # noqa: E402
@@ -49,7 +49,6 @@ DEFAULT_POSTGRES = "postgresql+psycopg://clipsearch_test:clipsearch_test@127.0.0
 MODEL_ID = "bench-random/v1"
 DIM = 512
 BATCH = 32
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def timed(fn, repeat: int = 3) -> tuple[float, object]:
@@ -162,12 +161,7 @@ def main() -> None:
         "sqlite": sqlite, "postgresql": postgres,
         "postgresql_time_ratio": ratios,  # PostgreSQL time / SQLite time (writes: SQLite rate / PostgreSQL rate)
     }
-    text_out = json.dumps(report, indent=2)
-    print(text_out)
-    out = args.out or RESULTS_DIR / f"catalog_backends-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text_out + "\n")
-    log.info("wrote %s", out)
+    log.info("wrote %s", save_report("catalog_backends", report, started_at, args.out))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from report import save_report
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
@@ -130,7 +130,7 @@ def main() -> None:
     speedups = {name: round(r["images_per_second"] / baseline["images_per_second"], 2)
                 for name, r in results.items() if baseline and baseline["images_per_second"]}
     now = datetime.now(timezone.utc)
-    text = json.dumps({
+    report = {
         "benchmark": "distributed_index",
         "when": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -144,12 +144,8 @@ def main() -> None:
         "median_of": args.repeat,
         "argv": sys.argv[1:],
         "note": "run images/s excludes interpreter start and model load; wall includes them",
-    }, indent=2)
-    out = args.out or RESULTS_DIR / f"distributed_index-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log(f"wrote {out}")
-    print(text)
+    }
+    log(f"wrote {save_report('distributed_index', report, now, args.out)}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
@@ -52,6 +51,7 @@ from clipsearch import server_link  # noqa: E402
 from clipsearch.config import hide_password, load_settings  # noqa: E402
 from clipsearch.library import Library  # noqa: E402
 from clipsearch.store import VectorStore  # noqa: E402
+from report import save_report  # noqa: E402
 from watch_latency import photo_bytes  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -336,12 +336,7 @@ def main() -> None:
     }
     report["passed"] = (load["errors"] == 0 and not restarts and not timeouts and load["every_added_file_searchable"]
                         and store_check["matches_catalog"] and server_exit == 0 and watcher_exit == 0)
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = args.out or RESULTS_DIR / f"load_test-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log.info("wrote %s", out)
+    log.info("wrote %s", save_report("load_test", report, started_at, args.out))
 
 
 if __name__ == "__main__":

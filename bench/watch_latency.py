@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import platform
@@ -43,9 +42,9 @@ from clipsearch.errors import EmptyLibraryError  # noqa: E402
 from clipsearch.indexer.watch import Watcher  # noqa: E402
 from clipsearch.library import Library  # noqa: E402
 from clipsearch.search.searcher import Searcher  # noqa: E402
+from report import save_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench")
 
 
@@ -280,12 +279,7 @@ def main() -> None:
         "batch_size": settings.batch_size, "workers": settings.resolved_workers,
         "idle": idle, "burst": burst, "intake": intake, "store_save": store, "argv": sys.argv[1:],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = args.out or RESULTS_DIR / f"watch_latency-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n", encoding="utf-8")
-    log.info("written to %s", out)
+    log.info("written to %s", save_report("watch_latency", report, started_at, args.out))
 
 
 if __name__ == "__main__":
