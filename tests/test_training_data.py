@@ -66,6 +66,13 @@ def image_bytes(colour, fmt="PNG") -> bytes:
     return buffer.getvalue()
 
 
+def write_caption_table(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """A caption CSV (filepath, title) of the given rows."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "title"), *rows])
+    return path
+
+
 def write_shard(path: Path, samples: list[dict[str, bytes]], gz: bool = False) -> Path:
     """A webdataset shard: each sample a dict of extension -> payload, with a __key__."""
     raw = io.BytesIO()
@@ -101,10 +108,7 @@ def caption_csv(tmp_path) -> Path:
     for i in range(20):
         png(tmp_path / "img" / f"{i:02d}.png", colour_of(i))
         rows += [(f"img/{i:02d}.png", f"photo {i} a"), (f"img/{i:02d}.png", f"photo {i} b")]
-    path = tmp_path / "data.csv"
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([("filepath", "title"), *rows])
-    return path
+    return write_caption_table(tmp_path / "data.csv", rows)
 
 
 # ---- sources --------------------------------------------------------------------------------------------------------
@@ -341,10 +345,7 @@ def broken_csv(tmp_path) -> Path:
         elif i != 6:
             png(path, colour_of(i))
         rows.append((path.name, "" if i == 9 else f"c{i}"))
-    out = tmp_path / "broken.csv"
-    with open(out, "w", newline="") as f:
-        csv.writer(f).writerows([("filepath", "title"), *rows])
-    return out
+    return write_caption_table(tmp_path / "broken.csv", rows)
 
 
 def test_failed_samples_are_replaced_by_the_next_in_order_and_counted(broken_csv):
