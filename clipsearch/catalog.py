@@ -296,10 +296,11 @@ class Catalog:
     def images_by_id(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         """Rows for the given ids (missing ids are left out)."""
         found: dict[int, ImageRow] = {}
+        step = id_chunk(self.backend)
         with self.read() as session:
-            for start in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[start : start + 500]]
-                for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(chunk))):
+            for start in range(0, len(ids), step):
+                chunk = [int(i) for i in ids[start : start + step]]
+                for row in session.scalars(select(ImageRow).where(id_in(ImageRow.id, chunk, self.backend))):
                     found[row.id] = row
         return found
 

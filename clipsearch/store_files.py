@@ -66,7 +66,8 @@ def newer_saved_generation(path: Path, model_id: str, generation: int, catalog: 
     if saved is None or saved <= generation:
         return None
     # A file stamped past the catalog (a catalog restored from a backup) or before its pruned log is useless to readers.
-    return saved if catalog.log_floor() <= saved <= catalog.generation() else None
+    floor, newest = catalog.log_state()
+    return saved if floor <= saved <= newest else None
 
 
 def remove_unused_shards(folder: Path, header: dict, replaced: dict | None) -> None:

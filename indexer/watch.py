@@ -241,8 +241,8 @@ class Watcher:
             return
         try:
             with self._locked(wait=False):
-                catalog = self.library.catalog
-                sync_vector_store(self.library, prune=catalog.generation() - catalog.log_floor() > PRUNE_BACKLOG)
+                floor, generation = self.library.catalog.log_state()
+                sync_vector_store(self.library, prune=generation - floor > PRUNE_BACKLOG)
             self._unsaved_since = None
         except LibraryBusyError:
             pass  # that writer saves the file when it finishes

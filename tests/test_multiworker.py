@@ -50,11 +50,8 @@ class CatalogBounds:
     def __init__(self, floor: int, newest: int):
         self.floor, self.newest = floor, newest
 
-    def log_floor(self) -> int:
-        return self.floor
-
-    def generation(self) -> int:
-        return self.newest
+    def log_state(self) -> tuple[int, int]:
+        return self.floor, self.newest
 
 
 DIM = 8
@@ -105,9 +102,11 @@ def test_saves_racing_across_processes_never_corrupt_the_file_nor_put_an_older_o
     stop_file = tmp_path / "stop"
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
         reader = pool.submit(load_until, str(path), str(stop_file))
-        savers = [pool.submit(save_many, str(path), seed, 60) for seed in range(3)]
-        newest = max(saver.result(timeout=120) for saver in savers)
-        stop_file.touch()
+        try:
+            savers = [pool.submit(save_many, str(path), seed, 60) for seed in range(3)]
+            newest = max(saver.result(timeout=120) for saver in savers)
+        finally:
+            stop_file.touch()  # a failed saver must not leave the reader looping (the pool would wait for it forever)
         assert reader.result(timeout=60) > 0
     final = VectorStore.load(path)
     assert final.generation == newest and final.count == store_at(path, newest).count
