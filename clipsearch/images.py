@@ -197,6 +197,10 @@ def _decode(data: bytes, max_pixels: int, target_size: int | None) -> tuple[Imag
             fmt = "JPEG"  # MPO (phone JPEGs with a preview image) is a JPEG to users
             if target_size:
                 img.draft("RGB", (target_size, target_size))
+        # The file is in memory: hand the decoder all of it in one call. Pillow releases the GIL per call, and in
+        # 64 KiB blocks a 4 MB JPEG re-acquires it ~60 times, each a wait while another thread runs Python (the
+        # model loading beside the decoders: decoding was 4x slower then, 2x with one call).
+        img.decodermaxblock = max(img.decodermaxblock, len(data))
         img.load()
         taken_at, orientation = _read_exif(img)
         rgb = _to_rgb(img)

@@ -28,13 +28,15 @@ class Candidate:
 
 @dataclass
 class Prepared:
-    """A decoded, preprocessed image ready for the model."""
+    """A decoded image ready for the model (model_input), or awaiting preprocessing by a model still loading (image)."""
 
     candidate: Candidate
     content_hash: str
     info: ImageInfo
     model_input: Any
     decode_seconds: float
+    target_size: int | None = None  # the model side it was decoded for (JPEG draft and reduce stay above it)
+    image: Any = None  # the decoded PIL image while model_input is None
 
 
 @dataclass
@@ -70,13 +72,13 @@ def content_hash(data: bytes) -> str:
 
 def prepare(
     candidate: Candidate,
-    preprocess: Callable,
+    preprocess: Callable | None,
     *,
     image_size: int,
     max_pixels: int,
     find_moved: Callable[[str, Candidate], list[int]] | None,
 ) -> Prepared | Unchanged | MaybeMoved | Failed:
-    """Turn one file into model input, or say why not (never raises for a bad file)."""
+    """Turn one file into model input (preprocess None: a decoded image), or say why not (never raises for a bad file)."""
     started = time.perf_counter()
     try:
         data = read_image_bytes(candidate.path)
@@ -91,12 +93,13 @@ def prepare(
             return MaybeMoved(candidate, digest, row_ids)
     try:
         image, info = open_image(data, max_pixels=max_pixels, target_size=image_size)
-        model_input = preprocess(image)
+        model_input = preprocess(image) if preprocess is not None else None
     except ImageDecodeError as e:
         return Failed(candidate, e.reason, digest)
     except Exception as e:  # a preprocessing bug must cost one file, not the run
         return Failed(candidate, f"preprocessing failed: {type(e).__name__}: {e}", digest)
-    return Prepared(candidate, digest, info, model_input, time.perf_counter() - started)
+    return Prepared(candidate, digest, info, model_input, time.perf_counter() - started, image_size,
+                    image if preprocess is None else None)
 
 
 def file_still_exists(path: str) -> bool:

@@ -9,14 +9,16 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
+import numpy as np
 from sqlalchemy import delete, select
 
 from clipsearch.catalog import STATUS_FAILED, STATUS_OK, EmbeddingRow, ImageRow, RootRow, delete_embeddings, touch_images, utcnow, vector_to_blob
 from clipsearch.catalog_sql import upsert_rows
 from clipsearch.config import Settings
 from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
+from clipsearch.encoders.background import BackgroundEncoder
 from clipsearch.errors import LibraryError
 from clipsearch.indexer.prepare import Candidate, Failed, MaybeMoved, Prepared, Unchanged, file_still_exists, prepare
 from clipsearch.indexer.scope import Changes, files_in_scopes, hinted_moves, rows_in_scopes
@@ -26,6 +28,7 @@ from clipsearch.library import Library
 log = logging.getLogger(__name__)
 
 VANISHED = "file vanished"
+LOAD_AHEAD_BATCHES = 4  # while the model loads, decode up to this many batches ahead (then wait for it)
 
 
 class IndexProgress(Protocol):
@@ -89,23 +92,47 @@ class _Batch:
 
 
 class Indexer:
-    """Indexes folders into one library with one encoder."""
+    """Indexes folders into one library with one encoder.
 
-    def __init__(self, library: Library, encoder: Encoder, progress: IndexProgress | None = None,
-                 stop: threading.Event | None = None, sync_store: bool = True):
+    The encoder may still be loading (a BackgroundEncoder): the walk, the plan and the first decodes go ahead
+    meanwhile, and a run with nothing to embed never waits for it. `on_encoder` runs once, with the encoder,
+    before the first vector is written.
+    """
+
+    def __init__(self, library: Library, encoder: Encoder | BackgroundEncoder, progress: IndexProgress | None = None,
+                 stop: threading.Event | None = None, sync_store: bool = True,
+                 on_encoder: Callable[[Encoder], None] | None = None):
         self.library = library
         self.sync_store = sync_store  # False: the caller brings the vector file up to date when it sees fit
         self.catalog = library.catalog
         self.settings = library.settings
-        self.encoder = encoder
+        self._source = encoder if isinstance(encoder, BackgroundEncoder) else BackgroundEncoder.loaded(encoder)
+        self.model_id = self._source.model_id
+        self._on_encoder = on_encoder
+        self._encoder: Encoder | None = None
+        self.require_encoder = False  # True: load it (and run on_encoder) even when no photo needs embedding
         self.progress = progress
         self.stop = stop or threading.Event()
-        self.report = IndexReport(model_id=encoder.model_id)
+        self.report = IndexReport(model_id=self.model_id)
         self._claimed: set[int] = set()
         self._gone_by_hash: dict[str, list[int]] = {}
         self._gone: dict[str, int] = {}
         self._found: set[str] = set()
         self._renamed: list[tuple[MaybeMoved, int]] = []
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder, waiting for it to load if need be (runs on_encoder the first time)."""
+        if self._encoder is None:
+            encoder = self._source.result(self.stop)
+            if self._on_encoder is not None:
+                self._on_encoder(encoder)
+            self._encoder = encoder
+        return self._encoder
+
+    def _loaded_encoder(self) -> Encoder | None:
+        """The encoder if it has finished loading (raising its load error), else None: never waits."""
+        return self.encoder if self._encoder is not None or self._source.ready() is not None else None
 
     def run(self, folders: Sequence[str | Path], changes: Changes | None = None) -> IndexReport:
         """Index the folders, or with `changes` only those paths under them; the report (interrupted=True on a stop)."""
@@ -117,6 +144,8 @@ class Indexer:
                 self.progress.start(len(candidates))
             self._process(candidates)
             if not self.report.interrupted:
+                if self.require_encoder:
+                    self.encoder  # noqa: B018 - waits for the load and runs on_encoder
                 self._remove_gone()
                 if changes is None:  # only a whole walk tells when a root was last seen complete
                     self._touch_roots(roots)
@@ -145,7 +174,7 @@ class Indexer:
         return roots
 
     def _plan(self, roots: list[str], changes: Changes | None) -> list[Candidate]:
-        model_id = self.encoder.model_id
+        model_id = self.model_id
         if changes is None:
             found = self._walk(roots)
             known = self.catalog.known_under(roots)
@@ -200,7 +229,7 @@ class Indexer:
         """Files a reported rename explains keep their old row as they are: no read, no hash, no embedding."""
         gone = {path: row for path, row in known.items() if path not in found}
         for path, row in hinted_moves(changes.moves, {p: v for p, v in found.items() if p not in known}, gone,
-                                      self.encoder.model_id).items():
+                                      self.model_id).items():
             root, item = found.pop(path)
             self._claimed.add(row.id)
             candidate = Candidate(path, root, item.size, item.mtime_ns)
@@ -215,7 +244,7 @@ class Indexer:
         return [
             row.id for row in self.catalog.find_by_hash(digest)
             if row.id not in self._claimed and row.path not in self._found
-            and (row.model == self.encoder.model_id or row.status == STATUS_FAILED)
+            and (row.model == self.model_id or row.status == STATUS_FAILED)
             and not file_still_exists(row.path)
         ]
 
@@ -231,8 +260,12 @@ class Indexer:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipsearch-decode")
 
         def submit(candidate: Candidate) -> None:
+            encoder = self._loaded_encoder()
+            if encoder is None and self._source.image_size_hint is None:
+                encoder = self.encoder  # the size to decode at is unknown until the model is loaded
             pending.append(pool.submit(
-                prepare, candidate, self.encoder.preprocess, image_size=self.encoder.image_size,
+                prepare, candidate, encoder.preprocess if encoder else None,
+                image_size=encoder.image_size if encoder else self._source.image_size_hint,
                 max_pixels=settings.max_image_pixels, find_moved=self._find_moved,
             ))
 
@@ -262,6 +295,8 @@ class Indexer:
                 if self.progress:
                     self.progress.advance()
                 if len(batch.prepared) >= settings.batch_size or len(batch) >= 4 * settings.batch_size:
+                    if self._decode_ahead(batch):
+                        continue
                     self._commit(batch)
                     batch = _Batch()
             self._commit(batch)
@@ -274,23 +309,58 @@ class Indexer:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _decode_ahead(self, batch: _Batch) -> bool:
+        """Whether to keep decoding instead of committing: photos wait for a model still loading, within bounds."""
+        return (bool(batch.prepared) and len(batch.prepared) < LOAD_AHEAD_BATCHES * self.settings.batch_size
+                and self._loaded_encoder() is None)
+
     def _commit(self, batch: _Batch) -> None:
         if not len(batch):
             return
-        vectors = None
-        if batch.prepared:
-            started = time.perf_counter()
-            vectors = self.encoder.encode_images([p.model_input for p in batch.prepared])
-            self.report.encode_seconds += time.perf_counter() - started
-            if vectors.shape != (len(batch.prepared), self.encoder.dim):
-                raise LibraryError(f"encoder returned vectors of shape {vectors.shape}", "this is a bug: please report it")
+        vectors = self._embed(batch) if batch.prepared else None
         with self.catalog.write() as session:
             embedded_ids = self._write_rows(session, batch, vectors)
         self._label(embedded_ids)
 
+    def _embed(self, batch: _Batch) -> np.ndarray:
+        """Vectors of the batch's prepared photos, encoded batch_size at a time."""
+        encoder = self.encoder
+        self._finish_preparing(batch, encoder)
+        started = time.perf_counter()
+        size, items = self.settings.batch_size, batch.prepared
+        parts = [encoder.encode_images([p.model_input for p in items[i : i + size]]) for i in range(0, len(items), size)]
+        vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+        self.report.encode_seconds += time.perf_counter() - started
+        if vectors.shape != (len(items), encoder.dim):
+            raise LibraryError(f"encoder returned vectors of shape {vectors.shape}", "this is a bug: please report it")
+        return vectors
+
+    def _finish_preparing(self, batch: _Batch, encoder: Encoder) -> None:
+        """Preprocess photos decoded before the model was loaded (decoded again if the size guess was too small)."""
+        kept = []
+        for item in batch.prepared:
+            outcome: Prepared | Failed | Unchanged | MaybeMoved = item
+            if item.model_input is None and item.target_size is not None and item.target_size < encoder.image_size:
+                outcome = prepare(item.candidate, encoder.preprocess, image_size=encoder.image_size,
+                                  max_pixels=self.settings.max_image_pixels, find_moved=None)
+            elif item.model_input is None:
+                try:
+                    item.model_input, item.image = encoder.preprocess(item.image), None
+                except Exception as e:  # as in prepare(): a preprocessing bug costs one file, not the run
+                    outcome = Failed(item.candidate, f"preprocessing failed: {type(e).__name__}: {e}", item.content_hash)
+            if isinstance(outcome, Prepared):
+                kept.append(outcome)
+            elif isinstance(outcome, Failed):
+                batch.failed.append(outcome)
+                if self.progress:
+                    self.progress.failed(outcome.candidate.path, outcome.reason)
+            else:
+                batch.unchanged.append(outcome)
+        batch.prepared = kept
+
     def _write_rows(self, session, batch: _Batch, vectors) -> list[int]:
         """Write a batch's outcomes into an open write session (vectors: one row per prepared item); the ids embedded."""
-        model_id = self.encoder.model_id
+        model_id = self.model_id
         now = utcnow()
         # A few statements per batch, not a few per photo: round trips count once the catalog is on a server.
         existing = [item.candidate.existing_id for item in batch.prepared if item.candidate.existing_id is not None]
@@ -347,7 +417,8 @@ class Indexer:
         from clipsearch.search.labels import apply_uncalibrated
 
         try:
-            for report in apply_uncalibrated(self.catalog, self.encoder):
+            # The encoder only when a set needs new classifiers: a run with nothing to embed never waits for it.
+            for report in apply_uncalibrated(self.catalog, lambda: self.encoder):
                 log.info("labels: applied %s to %d photos", report.set_name, report.images)
         except Exception as e:  # labels are derived: `clipsearch labels apply` recomputes them
             log.warning("could not apply the label sets (%s); run `clipsearch labels apply`", e)
@@ -427,9 +498,14 @@ def index_folders(
     try:
         with library.writer_lock():
             model, pretrained = library.resolve_model(allow_change=reembed)
-            if encoder is None:
-                encoder = load_model(settings, model, pretrained)
-            prepare_library_model(library, encoder, model, pretrained)
-            return Indexer(library, encoder, progress, stop).run(folders)
+            # Loads while the folders are walked and the first photos decoded; not waited for if nothing needs it.
+            source = encoder or BackgroundEncoder(EncoderSpec(model, pretrained, settings.device, settings.precision,
+                                                              settings.model_cache_dir))
+            recorded = library.catalog.library_model()
+            indexer = Indexer(library, source, progress, stop,
+                              on_encoder=lambda loaded: prepare_library_model(library, loaded, model, pretrained))
+            # A new or re-embedded library records its model even when there is no photo to embed.
+            indexer.require_encoder = recorded is None or recorded["model_id"] != indexer.model_id
+            return indexer.run(folders)
     finally:
         library.close()
