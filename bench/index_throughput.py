@@ -7,6 +7,8 @@ Measures, in one process and side by side:
   index    index_folders into a fresh temporary library (model loaded once beforehand and passed in, so
            model_load_s is reported apart and excluded), repeated --repeat times with the median
   memory   peak resident set size of the process, also sampled after each phase
+  whole    `clipsearch index` as a separate process (start-up included), then again on the unchanged folder;
+           with --rclip, rclip 3.3 the same way (fresh index, then a rerun)
 Machines are shared and noisy: compare figures as ratios taken from the same run (draft_speedup,
 index_vs_model), not absolute numbers across runs or machines. Weights are never downloaded.
 
@@ -129,8 +131,10 @@ def ratios(index_ips: float, references: dict) -> dict:
     if "rclip" in references:
         out["index_vs_rclip"] = round(index_ips / references["rclip"]["images_per_s"], 2)
         if "clipsearch_whole_process" in references:
-            out["whole_process_rclip_over_clipsearch"] = round(
-                references["rclip"]["seconds"] / references["clipsearch_whole_process"]["seconds"], 2)
+            whole = references["clipsearch_whole_process"]
+            out["whole_process_rclip_over_clipsearch"] = round(references["rclip"]["seconds"] / whole["seconds"], 2)
+            out["unchanged_rerun_rclip_over_clipsearch"] = round(
+                references["rclip"]["unchanged_seconds"] / whole["unchanged_seconds"], 2)
     return out
 
 

@@ -28,7 +28,7 @@ from clipsearch.library import Library
 log = logging.getLogger(__name__)
 
 VANISHED = "file vanished"
-LOAD_AHEAD_BATCHES = 4  # while the model loads, decode up to this many batches ahead (then wait for it)
+LOAD_AHEAD_IMAGES = 128  # while the model loads, photos decoded ahead (or one batch if larger): ~70 MB of 12 MP drafts
 
 
 class IndexProgress(Protocol):
@@ -311,8 +311,7 @@ class Indexer:
 
     def _decode_ahead(self, batch: _Batch) -> bool:
         """Whether to keep decoding instead of committing: photos wait for a model still loading, within bounds."""
-        return (bool(batch.prepared) and len(batch.prepared) < LOAD_AHEAD_BATCHES * self.settings.batch_size
-                and self._loaded_encoder() is None)
+        return bool(batch.prepared) and len(batch.prepared) < LOAD_AHEAD_IMAGES and self._loaded_encoder() is None
 
     def _commit(self, batch: _Batch) -> None:
         if not len(batch):

@@ -16,7 +16,7 @@ from clipsearch.encoders.background import BackgroundEncoder, image_size_hint
 from clipsearch.errors import WeightsUnavailableError
 from clipsearch.images import open_image
 from clipsearch.indexer import run as indexer_run
-from clipsearch.indexer.run import LOAD_AHEAD_BATCHES, index_folders
+from clipsearch.indexer.run import LOAD_AHEAD_IMAGES, index_folders
 from clipsearch.library import Library
 from tests.fakes import ColorWordEncoder, make_image
 
@@ -78,7 +78,7 @@ def test_photos_are_decoded_while_the_model_loads(tmp_path, settings, monkeypatc
         return outcome
 
     monkeypatch.setattr(indexer_run, "prepare", counting_prepare)
-    assert len(COLOURS) <= LOAD_AHEAD_BATCHES * settings.batch_size
+    assert len(COLOURS) <= LOAD_AHEAD_IMAGES
     report = index_folders(settings, [photos], encoder=loading(held_loader(release, loaded)))
     assert report.embedded == len(COLOURS) and all(decoded)
     assert loaded[0].images_embedded == len(COLOURS)
