@@ -188,3 +188,17 @@ def test_serve_an_empty_library_without_loading_a_model(settings):
         assert status == 200 and b"empty-library" in body
     finally:
         assert running.stop() == 0
+
+
+def test_start_up_objects_are_exempt_from_the_cyclic_gc(app, photo_library):
+    import gc
+
+    from clipsearch.webui.server import prepare
+    from clipsearch.webui.services import EXTENSION_KEY
+
+    gc.unfreeze()
+    try:
+        info = prepare(app.extensions[EXTENSION_KEY])
+        assert info["model"] and gc.get_freeze_count() > 0  # no full collection walks them during requests
+    finally:
+        gc.unfreeze()  # this test process keeps collecting as before

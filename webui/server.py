@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Callable
 
@@ -63,7 +64,17 @@ def prepare(services) -> dict:
             services.searcher.store()  # build or catch up the vector index before the first query
         except Exception as e:  # an empty library is fine: the page explains how to index
             log.debug("vector index not ready at start-up: %s", e)
+    freeze_startup_objects()
     return info
+
+
+def freeze_startup_objects() -> None:
+    """Exempt what start-up built (modules, model, index) from the cyclic GC for the life of the server."""
+    # With torch and a model loaded, a full collection walks ~440k objects: a 200 ms pause inside whichever
+    # request triggers it (ViT-B-32 on a 2-core EPYC). These objects live as long as the server anyway; collect
+    # the start-up garbage first so that only live objects are frozen. Also keeps worker pages shared after a fork.
+    gc.collect()
+    gc.freeze()
 
 
 def _start_watcher(settings: Settings, encoder: Encoder | None):
