@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 import socket
 from pathlib import Path
 
@@ -199,6 +200,12 @@ def _worker(rank: int, port: int) -> None:
         distributed.barrier()
     finally:
         distributed.shutdown_distributed()
+    # Every check passed and the group is gone: leave without interpreter finalization, where gloo's worker threads
+    # can still drop tensors that need the GIL and abort the process (SIGABRT after a passing run, seen twice in CI;
+    # pytorch/pytorch#179291). A failed check raised above, and mp.spawn reports it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
