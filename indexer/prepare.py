@@ -97,9 +97,22 @@ def prepare(
     except ImageDecodeError as e:
         return Failed(candidate, e.reason, digest)
     except Exception as e:  # a preprocessing bug must cost one file, not the run
-        return Failed(candidate, f"preprocessing failed: {type(e).__name__}: {e}", digest)
+        return _preprocessing_failed(candidate, e, digest)
     return Prepared(candidate, digest, info, model_input, time.perf_counter() - started, image_size,
                     image if preprocess is None else None)
+
+
+def preprocess_decoded(item: Prepared, preprocess: Callable) -> Prepared | Failed:
+    """Preprocess a photo prepare() decoded without a preprocess (the model was still loading)."""
+    try:
+        item.model_input, item.image = preprocess(item.image), None
+    except Exception as e:  # as in prepare()
+        return _preprocessing_failed(item.candidate, e, item.content_hash)
+    return item
+
+
+def _preprocessing_failed(candidate: Candidate, error: Exception, digest: str) -> Failed:
+    return Failed(candidate, f"preprocessing failed: {type(error).__name__}: {error}", digest)
 
 
 def file_still_exists(path: str) -> bool:

@@ -21,6 +21,7 @@ from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
 from clipsearch.encoders.background import BackgroundEncoder
 from clipsearch.errors import LibraryError
 from clipsearch.indexer.prepare import Candidate, Failed, MaybeMoved, Prepared, Unchanged, file_still_exists, prepare
+from clipsearch.indexer.prepare import preprocess_decoded
 from clipsearch.indexer.scope import Changes, files_in_scopes, hinted_moves, rows_in_scopes
 from clipsearch.indexer.walk import FoundFile, normalise_root, walk_images
 from clipsearch.library import Library
@@ -284,14 +285,8 @@ class Indexer:
                         continue
                     self._claimed.add(row_id)
                     batch.moved.append((outcome, row_id))
-                elif isinstance(outcome, Prepared):
-                    batch.prepared.append(outcome)
-                elif isinstance(outcome, Failed):
-                    batch.failed.append(outcome)
-                    if self.progress:
-                        self.progress.failed(outcome.candidate.path, outcome.reason)
                 else:
-                    batch.unchanged.append(outcome)
+                    self._add(batch, outcome)
                 if self.progress:
                     self.progress.advance()
                 if len(batch.prepared) >= settings.batch_size or len(batch) >= 4 * settings.batch_size:
@@ -336,26 +331,24 @@ class Indexer:
 
     def _finish_preparing(self, batch: _Batch, encoder: Encoder) -> None:
         """Preprocess photos decoded before the model was loaded (decoded again if the size guess was too small)."""
-        kept = []
-        for item in batch.prepared:
-            outcome: Prepared | Failed | Unchanged | MaybeMoved = item
+        items, batch.prepared = batch.prepared, []
+        for item in items:
             if item.model_input is None and item.target_size is not None and item.target_size < encoder.image_size:
-                outcome = prepare(item.candidate, encoder.preprocess, image_size=encoder.image_size,
-                                  max_pixels=self.settings.max_image_pixels, find_moved=None)
-            elif item.model_input is None:
-                try:
-                    item.model_input, item.image = encoder.preprocess(item.image), None
-                except Exception as e:  # as in prepare(): a preprocessing bug costs one file, not the run
-                    outcome = Failed(item.candidate, f"preprocessing failed: {type(e).__name__}: {e}", item.content_hash)
-            if isinstance(outcome, Prepared):
-                kept.append(outcome)
-            elif isinstance(outcome, Failed):
-                batch.failed.append(outcome)
-                if self.progress:
-                    self.progress.failed(outcome.candidate.path, outcome.reason)
+                self._add(batch, prepare(item.candidate, encoder.preprocess, image_size=encoder.image_size,
+                                         max_pixels=self.settings.max_image_pixels, find_moved=None))
             else:
-                batch.unchanged.append(outcome)
-        batch.prepared = kept
+                self._add(batch, preprocess_decoded(item, encoder.preprocess) if item.model_input is None else item)
+
+    def _add(self, batch: _Batch, outcome: Prepared | Failed | Unchanged) -> None:
+        """File a prepared, failed or unchanged outcome in the batch (failures also go to the progress display)."""
+        if isinstance(outcome, Prepared):
+            batch.prepared.append(outcome)
+        elif isinstance(outcome, Failed):
+            batch.failed.append(outcome)
+            if self.progress:
+                self.progress.failed(outcome.candidate.path, outcome.reason)
+        else:
+            batch.unchanged.append(outcome)
 
     def _write_rows(self, session, batch: _Batch, vectors) -> list[int]:
         """Write a batch's outcomes into an open write session (vectors: one row per prepared item); the ids embedded."""
