@@ -3,12 +3,14 @@
 Measures, in one process and side by side:
   decode   single-threaded read + open_image(target_size=model size, i.e. JPEG draft) + preprocess, per image
            (mean/p50/p95 ms), and the same with a full decode (target_size=None); draft_speedup = full / draft
-  model    encode_images on batches of preprocessed inputs only, after one warm-up batch
+  model    encode_images on batches of preprocessed inputs only, after one warm-up batch; when the runtime
+           is OpenVINO, the same inputs through the torch runtime too (over_torch)
   index    index_folders into a fresh temporary library (model loaded once beforehand and passed in, so
            model_load_s is reported apart and excluded), repeated --repeat times with the median
   memory   peak resident set size of the process, also sampled after each phase
   whole    `clipsearch index` as a separate process (start-up included), then again on the unchanged folder;
-           with --rclip, rclip 3.3 the same way (fresh index, then a rerun)
+           with --rclip, rclip 3.3 the same way (fresh index, then a rerun); when the runtime is OpenVINO,
+           also `clipsearch index --runtime torch` (clipsearch_whole_process_torch)
 Machines are shared and noisy: compare figures as ratios taken from the same run (draft_speedup,
 index_vs_model), not absolute numbers across runs or machines. Weights are never downloaded.
 
@@ -141,7 +143,8 @@ def ratios(index_ips: float, references: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", nargs="?", type=Path, help=f"photos to index (default: {DEFAULT_FOLDER})")
-    for name, default in (("model", "clipsearch-tiny"), ("pretrained", "none"), ("device", "auto"), ("precision", "auto")):
+    for name, default in (("model", "clipsearch-tiny"), ("pretrained", "none"), ("device", "auto"), ("precision", "auto"),
+                          ("runtime", "auto")):
         p.add_argument(f"--{name}", default=default)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="decoding threads for indexing (0 = one per core, max 8)")
@@ -153,6 +156,8 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the plain open_clip fp32 full-decode loop")
     p.add_argument("--no-whole-process", action="store_true", help="skip timing `clipsearch index` as a whole process")
     p.add_argument("--rclip", help="path to an rclip 3.3 executable (own venv) to time side by side")
+    p.add_argument("--no-torch-reference", action="store_true",
+                   help="when the runtime is OpenVINO, skip timing the torch runtime (model and whole process) beside it")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="clipsearch-bench-") as scratch:
@@ -178,14 +183,16 @@ def main() -> None:
         log(f"{len(files)} files ({total_mb:.1f} MB) from {dataset}")
 
         base = {"model": args.model, "pretrained": args.pretrained, "device": args.device,
-                "precision": args.precision, "batch_size": args.batch_size, "workers": args.workers}
+                "precision": args.precision, "runtime": args.runtime, "batch_size": args.batch_size,
+                "workers": args.workers}
         settings = load_settings({**base, "data_dir": scratch / "unused"}, env={})
         rss = {"start": peak_rss_mb()}
         started = time.perf_counter()
-        encoder = load_encoder(encoder_spec_from_settings(settings))
+        encoder = load_encoder(encoder_spec_from_settings(settings, settings.runtime))
         model_load_s = time.perf_counter() - started
         rss["after_model_load"] = peak_rss_mb()
-        log(f"loaded {encoder.model_id} on {encoder.device} in {model_load_s:.2f}s")
+        runtime = getattr(encoder, "runtime", "torch")
+        log(f"loaded {encoder.model_id} on {encoder.device} ({runtime}) in {model_load_s:.2f}s")
 
         keep = args.batch_size * 5  # one warm-up batch + four timed ones
         draft, megapixels, inputs, decode_failed = decode_pass(files, encoder, settings.max_image_pixels,
@@ -196,9 +203,20 @@ def main() -> None:
         if not inputs:
             sys.exit("error: no image could be decoded")
         model = model_pass(encoder, inputs, args.batch_size)
-        del inputs
         rss["after_model"] = peak_rss_mb()
         log(f"model: {model['images_per_s']} images/s")
+        compare_torch = runtime != "torch" and not args.no_torch_reference
+        if compare_torch:  # the same inputs through torch: what the other runtime buys, side by side
+            torch_encoder = load_encoder(encoder_spec_from_settings(settings, "torch"))
+            import torch
+
+            # Both runtimes preprocess identically (tested), so the same arrays feed torch.
+            torch_inputs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+            model["torch"] = model_pass(torch_encoder, torch_inputs, args.batch_size)
+            model["over_torch"] = round(model["images_per_s"] / model["torch"]["images_per_s"], 2)
+            log(f"model through torch: {model['torch']['images_per_s']} images/s")
+            del torch_encoder, torch_inputs
+        del inputs
 
         runs = []
         for i in range(args.repeat):
@@ -219,8 +237,13 @@ def main() -> None:
         if not args.no_whole_process:
             extra = ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
                      "--precision", args.precision]
-            references["clipsearch_whole_process"] = clipsearch_whole_process(folder, args.model, args.pretrained, extra)
+            references["clipsearch_whole_process"] = clipsearch_whole_process(
+                folder, args.model, args.pretrained, [*extra, "--runtime", args.runtime])
             log(f"clipsearch whole process: {references['clipsearch_whole_process']}")
+            if compare_torch:
+                references["clipsearch_whole_process_torch"] = clipsearch_whole_process(
+                    folder, args.model, args.pretrained, [*extra, "--runtime", "torch"])
+                log(f"clipsearch whole process, torch runtime: {references['clipsearch_whole_process_torch']}")
         if args.rclip:
             references["rclip"] = rclip_whole_process(args.rclip, folder, len(files))
             log(f"rclip: {references['rclip']}")
@@ -234,7 +257,7 @@ def main() -> None:
         "dataset": dataset, "files": len(files), "total_mb": round(total_mb, 1),
         "total_megapixels": round(megapixels, 1), "decode_failed": decode_failed,
         "model_id": encoder.model_id, "dim": encoder.dim, "image_size": encoder.image_size,
-        "device": encoder.device, "precision": getattr(encoder, "precision", settings.precision),
+        "device": encoder.device, "precision": getattr(encoder, "precision", settings.precision), "runtime": runtime,
         "batch_size": settings.batch_size, "workers": settings.resolved_workers,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "model_load_s": round(model_load_s, 3),
@@ -247,7 +270,8 @@ def main() -> None:
         "ratios": ratios(median_ips, references),
         "peak_rss_mb": peak_rss_mb(), "rss_mb_by_phase": rss,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "open_clip": pkg_version("open_clip_torch"), "pillow": pkg_version("pillow")},
+                     "open_clip": pkg_version("open_clip_torch"), "pillow": pkg_version("pillow"),
+                     "openvino": pkg_version("openvino")},
         "argv": sys.argv[1:],
     }
     text = json.dumps(result, indent=2)

@@ -177,7 +177,8 @@ def _describe(error: BaseException) -> str:
 
 
 def _load_encoder(settings: Settings, model: str, pretrained: str, device: str) -> Encoder:
-    return load_encoder(EncoderSpec(model, pretrained, device, settings.precision, settings.model_cache_dir))
+    return load_encoder(EncoderSpec(model, pretrained, device, settings.precision, settings.model_cache_dir,
+                                    settings.runtime))
 
 
 class DistributedIndexer(Indexer):

@@ -473,7 +473,8 @@ def prepare_library_model(library: Library, encoder: Encoder, model: str, pretra
 
 def load_model(settings: Settings, model: str, pretrained: str) -> Encoder:
     """Load a model to index with, on the settings' device and precision."""
-    return load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir))
+    return load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir,
+                                    settings.runtime))
 
 
 def index_folders(
@@ -492,7 +493,7 @@ def index_folders(
             model, pretrained = library.resolve_model(allow_change=reembed)
             # Loads while the folders are walked and the first photos decoded; not waited for if nothing needs it.
             source = encoder or BackgroundEncoder(EncoderSpec(model, pretrained, settings.device, settings.precision,
-                                                              settings.model_cache_dir))
+                                                              settings.model_cache_dir, settings.runtime))
             recorded = library.catalog.library_model()
             indexer = Indexer(library, source, progress, stop,
                               on_encoder=lambda loaded: prepare_library_model(library, loaded, model, pretrained))

@@ -27,11 +27,13 @@ LOCAL_DIR_PREFIX = "local-dir:"
 RANDOM_WEIGHTS = ("", "none", "random")
 WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RUNTIMES = ("auto", "torch", "openvino")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags with bf16 matmul instructions
 
 __all__ = [
     "Encoder",
     "EncoderSpec",
+    "built_model_folder",
     "cpu_has_native_bf16",
     "encoder_spec_from_settings",
     "is_random_weights",
@@ -52,7 +54,7 @@ class Encoder(abc.ABC):
 
     @abc.abstractmethod
     def preprocess(self, image: "Image.Image") -> Any:
-        """Turn one RGB PIL image into one model input (CPU tensor [3,H,W]); thread-safe, no model access."""
+        """Turn one RGB PIL image into one model input ([3,H,W] CPU tensor or array); thread-safe, no model access."""
 
     @abc.abstractmethod
     def encode_images(self, batch: Sequence[Any]) -> "np.ndarray":
@@ -71,13 +73,19 @@ class Encoder(abc.ABC):
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What to load: model name, pretrained tag/file/none, device and precision, weights cache folder."""
+    """What to load: model name, pretrained tag/file/none, device, precision, weights cache folder, runtime.
+
+    runtime: torch (open_clip for both towers), openvino (image tower compiled by OpenVINO on the CPU), or auto
+    (OpenVINO where it is installed and the work runs on an x86-64 CPU). Indexing passes the runtime setting;
+    searching keeps torch, whose text tower it needs anyway.
+    """
 
     model: str
     pretrained: str
     device: str = "auto"
     precision: str = "auto"
     cache_dir: Path | None = None
+    runtime: str = "torch"
 
 
 def is_random_weights(pretrained: str | None) -> bool:
@@ -154,20 +162,40 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     if factory is not None:
         log.debug("model %s built by the encoder registered for %r", spec.model, matches[0])
         return factory(spec)
+    from clipsearch.encoders.openvino import ExportUnsupported, OpenVinoEncoder, choose_runtime
+
+    if choose_runtime(spec) == "openvino":
+        try:
+            return OpenVinoEncoder(spec)
+        except ExportUnsupported as e:
+            if spec.runtime.strip().lower() == "openvino":
+                raise ConfigError(f"model {spec.model} cannot run under OpenVINO ({e})",
+                                  "use --runtime auto or torch for this model") from e
+            log.info("model %s runs on torch: its image tower cannot run under OpenVINO (%s)", spec.model, e)
     from clipsearch.encoders.openclip import OpenClipEncoder  # heavy: torch + open_clip
 
     return OpenClipEncoder(spec)
 
 
-def encoder_spec_from_settings(settings: Any) -> EncoderSpec:
-    """The EncoderSpec that resolved Settings describe."""
+def encoder_spec_from_settings(settings: Any, runtime: str = "torch") -> EncoderSpec:
+    """The EncoderSpec that resolved Settings describe (runtime: settings.runtime for indexing work)."""
     return EncoderSpec(
         model=settings.model,
         pretrained=settings.pretrained,
         device=settings.device,
         precision=settings.precision,
         cache_dir=settings.model_cache_dir,
+        runtime=runtime,
     )
+
+
+def built_model_folder(cache_dir: str | Path | None) -> Path:
+    """Where built and exported models are kept: <model cache dir>/clipsearch-built, else the user's cache dir."""
+    if cache_dir:
+        return Path(cache_dir) / "clipsearch-built"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clipsearch", appauthor=False)) / "built-models"
 
 
 def cpu_flags_have_native_bf16(cpuinfo: str) -> bool:

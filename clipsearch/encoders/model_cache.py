@@ -22,6 +22,8 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from clipsearch.encoders import built_model_folder
+
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
@@ -29,11 +31,7 @@ CACHE_FORMAT = 1
 
 def cache_folder(cache_dir: str | None) -> Path:
     """Where built models are kept: <model cache dir>/clipsearch-built, else the user's cache dir."""
-    if cache_dir:
-        return Path(cache_dir) / "clipsearch-built"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("clipsearch", appauthor=False)) / "built-models"
+    return built_model_folder(cache_dir)
 
 
 def cache_key(kind: str, model: str, pretrained: str | None, quick_gelu: bool) -> str | None:

@@ -300,7 +300,10 @@ def _precision_plan(device: str, precision: str) -> tuple[torch.dtype, bool]:
 class OpenClipEncoder(Encoder):
     """An open_clip model from a tag, weights file, none (seeded random), hf-hub: or local-dir: source."""
 
-    def __init__(self, spec: EncoderSpec):
+    runtime = "torch"
+
+    def __init__(self, spec: EncoderSpec, cache_built: bool = True):
+        """Load the model a spec names (cache_built: keep the built model in the built-model cache)."""
         self.spec = spec
         self.device = resolve_device(spec.device)  # config errors first, before any slow loading
         self._dtype, self._autocast = _precision_plan(self.device, (spec.precision or "auto").strip().lower())
@@ -323,7 +326,7 @@ class OpenClipEncoder(Encoder):
             # Decided in fp32 on the CPU, before any conversion, so the check is exact whatever precision runs.
             self._text_tower = plan_text_cut(model, self._tokenizer, "cpu")
             model = model.to(dtype=self._dtype)
-            if key:
+            if key and cache_built:
                 save_built(cache_folder(cache_dir), key, model, {"text_cut": "verified" if self._text_tower else "off"})
         if source.kind == "random":
             log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use "
