@@ -358,3 +358,24 @@ def test_vit_b_32_openvino_agrees_with_torch_fp32(tmp_path):
     expected = reference.encode_images([reference.preprocess(im) for im in images])
     assert ov_auto.model_id == reference.model_id
     assert min_row_cosine(got, expected) >= 0.999  # bf16 where the CPU has it, else fp32
+
+
+@needs_openvino
+def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def no_space(folder, key, ov_model, meta):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_save = ov_runtime._save
+    monkeypatch.setattr(ov_runtime, "_save", no_space)
+    auto = replace(spec_for(tmp_path), runtime="auto")
+    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
+    with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):
+        assert type(load_encoder(auto)).__name__ == "OpenClipEncoder"
+    assert "No space left on device" in caplog.text and "free space" in caplog.text
+    folder = built_model_folder(str(tmp_path))
+    assert not list(folder.glob("*.unsupported")) and not [p for p in folder.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(ov_runtime, "_save", real_save)
+    assert type(load_encoder(auto)).__name__ == "OpenVinoEncoder"  # space again: the export happens

@@ -306,13 +306,20 @@ def export_image_tower(spec: EncoderSpec, folder: Path, key: str) -> dict:
     try:
         meta, ov_model = _convert(torch_encoder)
         meta["random"] = "/random" in torch_encoder.model_id
-        _save(folder, key, ov_model, meta)
     except ExportUnsupported as e:
         _mark_unsupported(folder, key, str(e))
         raise
     except Exception as e:  # noqa: BLE001 - exporters fail in many ways; each means "use torch"
         reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         _mark_unsupported(folder, key, reason)
+        raise ExportUnsupported(reason) from e
+    try:
+        _save(folder, key, ov_model, meta)
+    except Exception as e:  # noqa: BLE001 - a full or read-only disk is no verdict on the model: no marker
+        # OpenVINO reports its own write failures as RuntimeError, with the OS message inside.
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:300]
+        reason = f"cannot write the exported model to {folder}: {detail}"
+        log.warning("%s; indexing with torch this time (free space there or set --model-cache-dir)", reason)
         raise ExportUnsupported(reason) from e
     log.info("exported the image tower of %s to OpenVINO in %.1f s (once per model)", torch_encoder.model_id,
              time.perf_counter() - started)
