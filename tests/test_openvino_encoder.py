@@ -279,7 +279,7 @@ def test_a_damaged_export_is_made_again(tmp_path, ov_fp32):
 def test_a_failed_export_falls_back_to_torch_once_and_for_all(tmp_path, monkeypatch, caplog):
     calls = []
 
-    def broken(torch_encoder):
+    def broken(visual, model_id, size):
         calls.append(1)
         raise RuntimeError("unsupported operator aten::frobnicate")
 

@@ -303,9 +303,11 @@ def export_image_tower(spec: EncoderSpec, folder: Path, key: str) -> dict:
     started = time.perf_counter()
     # fp32 on the CPU, and not added to the built-model cache: it serves this export only.
     torch_encoder = OpenClipEncoder(replace(spec, device="cpu", precision="fp32", runtime="torch"), cache_built=False)
+    model_id, image_size, visual = torch_encoder.model_id, torch_encoder.image_size, torch_encoder.model.visual
+    del torch_encoder  # the text tower goes: peak memory of a first run matters on small machines
     try:
-        meta, ov_model = _convert(torch_encoder)
-        meta["random"] = "/random" in torch_encoder.model_id
+        meta, ov_model = _convert(visual, model_id, image_size)
+        meta["random"] = "/random" in model_id
     except ExportUnsupported as e:
         _mark_unsupported(folder, key, str(e))
         raise
@@ -321,20 +323,19 @@ def export_image_tower(spec: EncoderSpec, folder: Path, key: str) -> dict:
         reason = f"cannot write the exported model to {folder}: {detail}"
         log.warning("%s; indexing with torch this time (free space there or set --model-cache-dir)", reason)
         raise ExportUnsupported(reason) from e
-    log.info("exported the image tower of %s to OpenVINO in %.1f s (once per model)", torch_encoder.model_id,
+    log.info("exported the image tower of %s to OpenVINO in %.1f s (once per model)", model_id,
              time.perf_counter() - started)
     return meta
 
 
-def _convert(torch_encoder: Any) -> tuple[dict, Any]:
+def _convert(visual: Any, model_id: str, size: int) -> tuple[dict, Any]:
+    """(sidecar metadata, OpenVINO model) of an fp32 image tower, checked against torch on a random batch."""
     import openvino as ov
     import torch
     from torch.export import Dim, export
 
-    visual = torch_encoder.model.visual
     cfg = dict(visual.preprocess_cfg)
     check_preprocess_cfg(cfg)
-    size = torch_encoder.image_size
     cfg["size"] = size
     generator = torch.Generator().manual_seed(0)
     check = torch.rand(3, 3, size, size, generator=generator) * 4 - 2  # roughly the range of normalised pixels
@@ -344,13 +345,15 @@ def _convert(torch_encoder: Any) -> tuple[dict, Any]:
         # Batch 2 as the example: a batch of 1 would be specialised into the graph.
         exported = export(visual, (check[:2],), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
     ov_model = ov.convert_model(exported)
+    del exported
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, size, size])})
     compiled = openvino_core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = normalize_rows(np.asarray(compiled(check.numpy())[0], dtype=np.float32))
+    del compiled
     agreement = float(np.min(np.sum(got * expected, axis=1)))
     if not agreement >= EXPORT_AGREEMENT:
         raise ExportUnsupported(f"exported tower disagrees with torch (cosine {agreement:.5f})")
-    meta = {"format": IR_FORMAT, "model_id": torch_encoder.model_id, "dim": int(expected.shape[1]),
+    meta = {"format": IR_FORMAT, "model_id": model_id, "dim": int(expected.shape[1]),
             "preprocess_cfg": cfg, "export_agreement": agreement}
     return meta, ov_model
 
