@@ -379,3 +379,18 @@ def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path,
     assert not list(folder.glob("*.unsupported")) and not [p for p in folder.iterdir() if p.name.startswith(".")]
     monkeypatch.setattr(ov_runtime, "_save", real_save)
     assert type(load_encoder(auto)).__name__ == "OpenVinoEncoder"  # space again: the export happens
+
+
+@needs_openvino
+def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    def unsupported_cpu(ov, xml, precision):
+        raise RuntimeError("CPU plugin: the CPU lacks SSE4.2")
+
+    monkeypatch.setattr(ov_runtime, "_compile", unsupported_cpu)
+    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
+    with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):
+        encoder = load_encoder(replace(spec_for(tmp_path), runtime="auto"))
+    assert type(encoder).__name__ == "OpenClipEncoder" and "lacks SSE4.2" in caplog.text
+    with pytest.raises(ConfigError, match="OpenVINO could not run.*SSE4.2"):
+        load_encoder(spec_for(tmp_path))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from clipsearch.errors import ConfigError
+from clipsearch.errors import ClipsearchError, ConfigError
 
 if TYPE_CHECKING:  # only for annotations; importing these for real would pull in torch
     import numpy as np
@@ -172,6 +172,12 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
                 raise ConfigError(f"model {spec.model} cannot run under OpenVINO ({e})",
                                   "use --runtime auto or torch for this model") from e
             log.info("model %s runs on torch: its image tower cannot run under OpenVINO (%s)", spec.model, e)
+        except ClipsearchError:
+            raise  # the model itself is wrong or missing: torch would say the same
+        except Exception as e:  # noqa: BLE001 - OpenVINO itself failed (an unsupported CPU, a broken install)
+            if spec.runtime.strip().lower() == "openvino":
+                raise ConfigError(f"OpenVINO could not run model {spec.model}: {e}", "use --runtime torch") from e
+            log.warning("OpenVINO could not run model %s (%s): indexing with torch", spec.model, e)
     from clipsearch.encoders.openclip import OpenClipEncoder  # heavy: torch + open_clip
 
     return OpenClipEncoder(spec)
