@@ -20,6 +20,7 @@ import numpy as np
 from clipsearch import ann, ann_disk
 from clipsearch.catalog import Catalog
 from clipsearch.errors import LibraryError
+from clipsearch.store_gpu import GpuMirror, gpu_count
 from clipsearch.store_files import (HEADER_LENGTH_BYTES, MAGIC, MissingShardError, StoreFileError, missing_shards,
                                      newer_saved_generation, read_header, remove_unused_shards, save_lock)
 
@@ -113,6 +114,8 @@ class VectorStore:
         self._lock = threading.RLock()
         self._rebuild_thread: threading.Thread | None = None
         self._failed_at: tuple | None = None  # (reason, count) of a failed background rebuild: not retried as is
+        self._swaps = 0  # indexes swapped in by rebuilds: with generation and count, the version a GPU copy reflects
+        self._gpu: GpuMirror | None | bool = None  # None: not looked for yet; False: no GPU
 
     @property
     def count(self) -> int:
@@ -266,6 +269,7 @@ class VectorStore:
                 if fresh._catch_up(catalog) is None:
                     continue
                 self.index, self.params, self.generation = fresh.index, fresh.params, fresh.generation
+                self._swaps += 1
                 self._unsaved = True
             log.info("vector index rebuilt: %d vectors, %s", self.count, self.params)
             return
@@ -293,8 +297,25 @@ class VectorStore:
                 return self.index.search(queries, k, allowed_ids, self._nprobe_for(allowed_ids))
             params = self._search_params(allowed_ids)
             if params is None:
-                return self.index.search(queries, k)
+                found = self._gpu_search(queries, k)
+                return found if found is not None else self.index.search(queries, k)
             return self.index.search(queries, k, params=params)
+
+    def _gpu_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """An unfiltered search on the GPU copy of the index when faiss has a GPU and the copy is current; else None."""
+        if self._gpu is None:
+            faiss = _faiss()
+            self._gpu = GpuMirror(faiss) if gpu_count(faiss) else False
+        if not self._gpu:
+            return None
+        return self._gpu.search(self._version(), self.kind, self.count, queries, k, self.nprobe, self._copy_under_lock)
+
+    def _version(self) -> tuple[int, int, int]:
+        return self._swaps, self.generation, self.count
+
+    def _copy_under_lock(self, clone):
+        with self._lock:
+            return self._version(), clone(self.index)
 
     def range_search(self, query: np.ndarray, min_score: float, allowed_ids: np.ndarray | None = None,
                      limit: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
