@@ -80,7 +80,10 @@ class Settings:
         None, "Where downloaded model weights are cached (default: the Hugging Face cache)."
     )
     batch_size: int = _setting(32, "Images per model batch when indexing.")
-    workers: int = _setting(0, "Image decoding threads when indexing; 0 picks one per CPU core (at most 8).", zero_ok=True)
+    workers: int = _setting(
+        0, "Image decoding threads when indexing; 0 picks one per CPU core (at most 8, or 32 when a GPU runs the model).",
+        zero_ok=True,
+    )
     max_image_pixels: int = _setting(
         100_000_000, "Images with more pixels than this are refused as decompression bombs."
     )
@@ -145,7 +148,14 @@ class Settings:
     @property
     def resolved_workers(self) -> int:
         """Decoding thread count with 0 resolved to the machine's core count (at most 8)."""
-        return self.workers if self.workers > 0 else max(1, min(8, os.cpu_count() or 1))
+        return self.decode_workers(model_on_gpu=False)
+
+    def decode_workers(self, model_on_gpu: bool) -> int:
+        """Decoding threads: `workers`, else one per core, at most 8 beside a CPU model and 32 beside a GPU one."""
+        # A model on the CPU needs the cores itself; a GPU embeds far faster than any core decodes, so there
+        # every core decodes (Pillow releases the GIL while decoding and resizing).
+        cap = 32 if model_on_gpu else 8
+        return self.workers if self.workers > 0 else max(1, min(cap, os.cpu_count() or 1))
 
 
 def setting_fields():

@@ -17,9 +17,10 @@ from sqlalchemy import delete, select
 from clipsearch.catalog import STATUS_FAILED, STATUS_OK, EmbeddingRow, ImageRow, RootRow, delete_embeddings, touch_images, utcnow, vector_to_blob
 from clipsearch.catalog_sql import upsert_rows
 from clipsearch.config import Settings
-from clipsearch.encoders import Encoder, EncoderSpec, load_encoder
+from clipsearch.encoders import Encoder, EncoderSpec, load_encoder, model_may_run_on_gpu
+from clipsearch.encoders.openvino import choose_runtime
 from clipsearch.encoders.background import BackgroundEncoder
-from clipsearch.errors import LibraryError
+from clipsearch.errors import ConfigError, LibraryError
 from clipsearch.indexer.prepare import Candidate, Failed, MaybeMoved, Prepared, Unchanged, file_still_exists, prepare
 from clipsearch.indexer.prepare import preprocess_decoded
 from clipsearch.indexer.scope import Changes, files_in_scopes, hinted_moves, rows_in_scopes
@@ -250,9 +251,20 @@ class Indexer:
         ]
 
     # --- the pipeline ---------------------------------------------------------------------------
+    def _model_on_gpu(self) -> bool:
+        """Whether the model runs (or, still loading, will probably run) on a GPU: it sizes the decoding pool."""
+        encoder = self._loaded_encoder()
+        if encoder is not None:
+            return str(getattr(encoder, "device", "cpu")).startswith(("cuda", "mps"))
+        spec = getattr(self._source, "spec", None)
+        try:
+            return spec is not None and choose_runtime(spec) == "torch" and model_may_run_on_gpu(spec.device)
+        except ConfigError:  # a bad runtime setting: the load reports it in its own words
+            return False
+
     def _process(self, candidates: list[Candidate]) -> None:
         settings = self.settings
-        workers = settings.resolved_workers
+        workers = settings.decode_workers(model_on_gpu=self._model_on_gpu())
         window = max(2 * settings.batch_size, 4 * workers)
         pending: deque[Future] = deque()
         todo = deque(candidates)

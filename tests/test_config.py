@@ -95,3 +95,17 @@ def test_ci_runs_the_readme_test_command():
     text = README.read_text()
     block = text.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
     assert block.count("\n") == 0 and "pip install -e '.[dev]'" in block and "pytest" in block
+
+
+def test_decode_workers_leave_the_cores_to_a_cpu_model(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from clipsearch import config
+
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 64)
+    settings = load_settings({"data_dir": tmp_path}, env={})
+    assert settings.decode_workers(model_on_gpu=False) == settings.resolved_workers == 8
+    assert settings.decode_workers(model_on_gpu=True) == 32
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 2)
+    assert settings.decode_workers(model_on_gpu=True) == 2
+    assert replace(settings, workers=3).decode_workers(model_on_gpu=True) == 3  # an explicit count is kept

@@ -179,3 +179,44 @@ def test_image_size_hint_matches_the_loaded_model(tmp_path):
 
     spec = EncoderSpec("clipsearch-tiny", "none", "cpu", "fp32", tmp_path)
     assert image_size_hint(spec) == load_encoder(spec).image_size
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", 8), ("cuda", 32), ("cuda:1", 32)])
+def test_decoding_pool_grows_when_a_gpu_runs_the_model(tmp_path, settings, monkeypatch, device, expected):
+    from dataclasses import replace
+
+    from clipsearch import config
+
+    sizes = []
+    real_pool = indexer_run.ThreadPoolExecutor
+
+    def recording_pool(max_workers, **kwargs):
+        sizes.append(max_workers)
+        return real_pool(max_workers=2, **kwargs)
+
+    monkeypatch.setattr(indexer_run, "ThreadPoolExecutor", recording_pool)
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 48)
+    encoder = ColorWordEncoder()
+    encoder.device = device
+    report = index_folders(replace(settings, workers=0), [photos_in(tmp_path / "photos", COLOURS[:3])], encoder=encoder)
+    assert report.embedded == 3 and sizes == [expected]
+
+
+def test_a_loading_model_is_expected_on_the_gpu_it_will_use(tmp_path, settings, monkeypatch):
+    from clipsearch.encoders import openvino as ov_runtime
+
+    spec = EncoderSpec("ViT-B-32", "none", device="auto", runtime="auto")
+    held = threading.Event()
+    source = BackgroundEncoder(spec, loader=lambda: held.wait(30) and ColorWordEncoder())
+    indexer = indexer_run.Indexer(Library(settings), source)
+    try:
+        monkeypatch.setattr(indexer_run, "model_may_run_on_gpu", lambda device: device in ("auto", "cuda"))
+        monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: True)
+        assert indexer._model_on_gpu() is True  # auto with a GPU here: torch, on the GPU
+        source.spec = EncoderSpec("ViT-B-32", "none", device="cpu", runtime="auto")
+        assert indexer._model_on_gpu() is False
+        source.spec = EncoderSpec("ViT-B-32", "none", device="cuda", runtime="openvino")
+        assert indexer._model_on_gpu() is False  # a refused runtime is reported by the load, not here
+    finally:
+        held.set()
+        indexer.library.close()

@@ -102,7 +102,7 @@ def test_transforms_it_cannot_reproduce_are_refused(cfg, why):
 @pytest.fixture
 def x86_cpu_with_openvino(monkeypatch):
     monkeypatch.setattr(ov_runtime, "openvino_installed", lambda: True)
-    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
 
 
@@ -123,10 +123,10 @@ def test_auto_runtime(x86_cpu_with_openvino, changes, expected):
 
 def test_auto_runtime_leaves_gpus_arm_and_missing_openvino_to_torch(x86_cpu_with_openvino, monkeypatch):
     spec = EncoderSpec(TINY, "none", runtime="auto")
-    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: True)
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: True)
     assert choose_runtime(spec) == "torch"
     assert choose_runtime(replace(spec, device="cpu")) == "openvino"  # a GPU may be there, but the CPU was asked for
-    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "aarch64")
     assert choose_runtime(spec) == "torch"
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "AMD64")
@@ -285,7 +285,7 @@ def test_a_failed_export_falls_back_to_torch_once_and_for_all(tmp_path, monkeypa
 
     monkeypatch.setattr(ov_runtime, "_convert", broken)
     auto = replace(spec_for(tmp_path), runtime="auto", device="cpu")
-    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
     with caplog.at_level(logging.INFO, logger="clipsearch.encoders"):
         encoder = load_encoder(auto)
@@ -370,7 +370,7 @@ def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path,
     real_save = ov_runtime._save
     monkeypatch.setattr(ov_runtime, "_save", no_space)
     auto = replace(spec_for(tmp_path), runtime="auto")
-    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
     with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):
         assert type(load_encoder(auto)).__name__ == "OpenClipEncoder"
@@ -387,7 +387,7 @@ def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch,
         raise RuntimeError("CPU plugin: the CPU lacks SSE4.2")
 
     monkeypatch.setattr(ov_runtime, "_compile", unsupported_cpu)
-    monkeypatch.setattr(ov_runtime, "_gpu_may_be_present", lambda: False)
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
     with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):
         encoder = load_encoder(replace(spec_for(tmp_path), runtime="auto"))

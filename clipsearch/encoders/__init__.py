@@ -8,6 +8,8 @@ from __future__ import annotations
 import abc
 import functools
 import logging
+import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -224,6 +226,22 @@ def cpu_has_native_bf16() -> bool:
             return cpu_flags_have_native_bf16(f.read())
     except OSError:
         return False
+
+
+def gpu_may_be_present() -> bool:
+    """Whether a GPU torch could use may be here (NVIDIA or AMD device nodes, nvidia-smi, macOS), without importing torch."""
+    # Cheap checks only: the callers decide things before (or instead of) paying torch's import.
+    if sys.platform == "darwin":
+        return True  # Apple MPS
+    if any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")):
+        return True
+    return shutil.which("nvidia-smi") is not None
+
+
+def model_may_run_on_gpu(device: str) -> bool:
+    """Whether a model loaded for `device` (auto, cpu, cuda[:N], mps) will probably run on a GPU."""
+    name = (device or "auto").strip().lower()
+    return name.startswith("cuda") or name == "mps" or (name == "auto" and gpu_may_be_present())
 
 
 def resolve_device(device: str) -> str:

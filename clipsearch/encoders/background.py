@@ -29,6 +29,7 @@ class BackgroundEncoder:
 
     def __init__(self, spec: EncoderSpec | None, loader: Callable[[], Encoder] | None = None,
                  *, model_id: str | None = None):
+        self.spec = spec
         self.model_id = model_id or model_id_for(spec.model, spec.pretrained)
         self.image_size_hint = image_size_hint(spec) if spec is not None else None
         self._encoder: Encoder | None = None

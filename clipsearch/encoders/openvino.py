@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, built_model_folder
-from clipsearch.encoders import cpu_has_native_bf16, load_encoder, model_id_for
+from clipsearch.encoders import cpu_has_native_bf16, gpu_may_be_present, load_encoder, model_id_for
 from clipsearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,15 +50,6 @@ class ExportUnsupported(Exception):
 def openvino_installed() -> bool:
     """Whether the openvino package can be imported (checked without importing it)."""
     return find_spec("openvino") is not None
-
-
-def _gpu_may_be_present() -> bool:
-    # Cheap checks only: importing torch to ask would cost the start-up this runtime exists to save.
-    if sys.platform == "darwin":
-        return True  # Apple MPS: device auto goes there on the torch path
-    if os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd"):
-        return True
-    return shutil.which("nvidia-smi") is not None
 
 
 def choose_runtime(spec: EncoderSpec) -> str:
@@ -84,7 +74,7 @@ def choose_runtime(spec: EncoderSpec) -> str:
         raise ConfigError(f"unknown runtime '{spec.runtime}'", "use one of auto, torch, openvino")
     if precision == "fp16" or spec.model.strip().startswith(HF_HUB_PREFIX):
         return "torch"  # fp16 is a GPU precision; Hub models may change upstream and are not exported
-    if device == "auto" and _gpu_may_be_present():
+    if device == "auto" and gpu_may_be_present():
         return "torch"  # let torch find the GPU
     if device not in ("auto", "cpu") or platform.machine().lower() not in X86_64 or not openvino_installed():
         return "torch"
