@@ -216,7 +216,7 @@ def make_encoder(args, settings):
         return ColorWordEncoder()
     from clipsearch.encoders import encoder_spec_from_settings, load_encoder
 
-    return load_encoder(encoder_spec_from_settings(settings))
+    return load_encoder(encoder_spec_from_settings(settings, settings.runtime))  # as `clipsearch watch` loads it
 
 
 def main() -> None:
