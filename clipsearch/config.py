@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from clipsearch.encoders import RUNTIMES
 from clipsearch.errors import ConfigError
 
 ENV_PREFIX = "CLIPSEARCH_"
@@ -74,7 +75,7 @@ class Settings:
         "auto",
         "What runs the image encoder when indexing on a CPU: auto is OpenVINO where it is installed on an x86-64 CPU "
         "(starts in a fraction of a second; the model is exported to it once), else torch. Searches always use torch.",
-        ("auto", "torch", "openvino"),
+        RUNTIMES,
     )
     model_cache_dir: Path | None = _setting(
         None, "Where downloaded model weights are cached (default: the Hugging Face cache)."

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, built_model_folder
+from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, RUNTIMES, Encoder, EncoderSpec, built_model_folder
 from clipsearch.encoders import cpu_has_native_bf16, gpu_may_be_present, load_encoder, model_id_for
 from clipsearch.errors import ConfigError
 
@@ -71,7 +71,7 @@ def choose_runtime(spec: EncoderSpec) -> str:
                               "use --precision auto, bf16 or fp32 with --runtime openvino")
         return "openvino"
     if runtime != "auto":
-        raise ConfigError(f"unknown runtime '{spec.runtime}'", "use one of auto, torch, openvino")
+        raise ConfigError(f"unknown runtime '{spec.runtime}'", f"use one of {', '.join(RUNTIMES)}")
     if precision == "fp16" or spec.model.strip().startswith(HF_HUB_PREFIX):
         return "torch"  # fp16 is a GPU precision; Hub models may change upstream and are not exported
     if device == "auto" and gpu_may_be_present():
