@@ -45,11 +45,6 @@ class GpuMirror:
         self._refresh_lock = threading.Lock()  # one refresh thread at a time
         self.disabled: str | None = None  # why the GPU is not used any more (a failed copy or search)
 
-    @property
-    def ready_version(self) -> Hashable | None:
-        """The index version the GPU copy reflects (None: no copy)."""
-        return self._version if self._copy is not None else None
-
     def search(self, version: Hashable, kind: str, count: int, queries: np.ndarray, k: int, nprobe: int | None,
                copy_under_lock: CopyUnderLock) -> tuple[np.ndarray, np.ndarray] | None:
         """(scores, ids) from the GPU copy when it reflects `version`; None (search the CPU index) otherwise.

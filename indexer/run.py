@@ -255,7 +255,7 @@ class Indexer:
         """Whether the model runs (or, still loading, will probably run) on a GPU: it sizes the decoding pool."""
         encoder = self._loaded_encoder()
         if encoder is not None:
-            return str(getattr(encoder, "device", "cpu")).startswith(("cuda", "mps"))
+            return model_may_run_on_gpu(str(getattr(encoder, "device", "cpu")))  # resolved: cpu, cuda[:N] or mps
         spec = getattr(self._source, "spec", None)
         try:
             return spec is not None and choose_runtime(spec) == "torch" and model_may_run_on_gpu(spec.device)

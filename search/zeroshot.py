@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clipsearch.encoders import normalize_rows
 from clipsearch.errors import ConfigError
 
 __all__ = [
@@ -65,12 +66,6 @@ def load_templates(path: str | Path) -> list[str]:
     return templates
 
 
-def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
-
-
 def class_embeddings(encoder, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """[n_classes, d] zero-shot weights: every prompt encoded and L2-normalised, averaged per class, renormalised."""
     if not classnames:
@@ -80,9 +75,9 @@ def class_embeddings(encoder, classnames: Sequence[str], templates: Sequence[str
     prompts = [template.format(name) for name in classnames for template in templates]
     parts = [np.asarray(encoder.encode_texts(prompts[i:i + batch_size]), dtype=np.float32)
              for i in range(0, len(prompts), max(1, batch_size))]
-    vectors = _normalise_rows(np.concatenate(parts, axis=0))
+    vectors = normalize_rows(np.concatenate(parts, axis=0))
     per_class = vectors.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return _normalise_rows(per_class)
+    return normalize_rows(per_class)
 
 
 def logits(image_vectors: np.ndarray, class_vectors: np.ndarray, logit_scale: float = 100.0) -> np.ndarray:

@@ -383,7 +383,7 @@ def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path,
 
 @needs_openvino
 def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch, caplog):
-    def unsupported_cpu(ov, xml, precision):
+    def unsupported_cpu(xml, precision):
         raise RuntimeError("CPU plugin: the CPU lacks SSE4.2")
 
     monkeypatch.setattr(ov_runtime, "_compile", unsupported_cpu)
@@ -394,3 +394,19 @@ def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch,
     assert type(encoder).__name__ == "OpenClipEncoder" and "lacks SSE4.2" in caplog.text
     with pytest.raises(ConfigError, match="OpenVINO could not run.*SSE4.2"):
         load_encoder(spec_for(tmp_path))
+
+
+def test_scratch_folders_of_killed_exports_are_removed_after_an_hour(tmp_path):
+    import os
+    import time
+
+    from clipsearch.encoders import remove_abandoned
+
+    old, fresh = tmp_path / ".ViT-B-32-abc-openvino-x1", tmp_path / ".ViT-B-32-abc-openvino-x2"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "model.bin").write_bytes(b"partial")
+    hour_ago = time.time() - 3700
+    os.utime(old, (hour_ago, hour_ago))
+    remove_abandoned(tmp_path, ".*-openvino-*")
+    assert not old.exists() and fresh.exists()  # a fresh one may be another process's export in progress

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -167,17 +168,18 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     from clipsearch.encoders.openvino import ExportUnsupported, OpenVinoEncoder, choose_runtime
 
     if choose_runtime(spec) == "openvino":
+        explicit = spec.runtime.strip().lower() == "openvino"  # else auto: fall back to torch
         try:
             return OpenVinoEncoder(spec)
         except ExportUnsupported as e:
-            if spec.runtime.strip().lower() == "openvino":
+            if explicit:
                 raise ConfigError(f"model {spec.model} cannot run under OpenVINO ({e})",
                                   "use --runtime auto or torch for this model") from e
             log.info("model %s runs on torch: its image tower cannot run under OpenVINO (%s)", spec.model, e)
         except ClipsearchError:
             raise  # the model itself is wrong or missing: torch would say the same
         except Exception as e:  # noqa: BLE001 - OpenVINO itself failed (an unsupported CPU, a broken install)
-            if spec.runtime.strip().lower() == "openvino":
+            if explicit:
                 raise ConfigError(f"OpenVINO could not run model {spec.model}: {e}", "use --runtime torch") from e
             log.warning("OpenVINO could not run model %s (%s): indexing with torch", spec.model, e)
     from clipsearch.encoders.openclip import OpenClipEncoder  # heavy: torch + open_clip
@@ -204,6 +206,35 @@ def built_model_folder(cache_dir: str | Path | None) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("clipsearch", appauthor=False)) / "built-models"
+
+
+def normalize_rows(rows: Any) -> "np.ndarray":
+    """Rows as float32 divided by their L2 norm (at least 1e-12, as torch's F.normalize)."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-12))
+
+
+def warn_random_weights(model: str, pretrained: str) -> None:
+    """Say, once per load, that a model has random weights (results meaningless)."""
+    log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use them only "
+                "for tests and benchmarks", model, pretrained)
+
+
+def remove_abandoned(folder: Path, pattern: str, older_than_s: float = 3600) -> None:
+    """Delete files or folders matching `pattern` in `folder` older than an hour: writes a killed process left."""
+    cutoff = time.time() - older_than_s
+    for leftover in folder.glob(pattern):
+        try:
+            if leftover.stat().st_mtime >= cutoff:
+                continue  # perhaps another process's work in progress
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink()
+        except OSError:
+            pass
 
 
 def cpu_flags_have_native_bf16(cpuinfo: str) -> bool:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from clipsearch.encoders import built_model_folder
+from clipsearch.encoders import built_model_folder, remove_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def save_built(folder: Path, key: str, built: torch.nn.Module, metadata: dict[st
         tensors = {name: t.detach().contiguous() for name, t in _named_tensors(built)}
         metadata = {**(metadata or {}), "preprocess_cfg": json.dumps(built.visual.preprocess_cfg)}
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_temp_files(folder)
+        remove_abandoned(folder, "*.tmp")  # temp files of saves killed mid-write
         fd, tmp = tempfile.mkstemp(prefix=key, suffix=".tmp", dir=folder)
         os.close(fd)
         try:
@@ -96,17 +95,6 @@ def save_built(folder: Path, key: str, built: torch.nn.Module, metadata: dict[st
             Path(tmp).unlink(missing_ok=True)
     except Exception as e:
         log.info("could not cache the built model in %s (%s)", folder, e)
-
-
-def _remove_abandoned_temp_files(folder: Path, older_than_s: float = 3600) -> None:
-    # A process killed mid-write leaves its temp file behind; an hour-old one is nobody's work in progress.
-    cutoff = time.time() - older_than_s
-    for leftover in folder.glob("*.tmp"):
-        try:
-            if leftover.stat().st_mtime < cutoff:
-                leftover.unlink()
-        except OSError:
-            pass
 
 
 def _named_tensors(module: torch.nn.Module):

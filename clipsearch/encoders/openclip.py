@@ -21,6 +21,7 @@ from PIL import Image
 
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, cpu_has_native_bf16
 from clipsearch.encoders import is_random_weights, looks_like_path, model_id_for, resolve_device, split_reference
+from clipsearch.encoders import warn_random_weights
 from clipsearch.encoders.model_cache import cache_folder, cache_key, load_built, save_built
 from clipsearch.encoders.text_cut import find_causal_tower, plan_text_cut
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
@@ -329,8 +330,7 @@ class OpenClipEncoder(Encoder):
             if key and cache_built:
                 save_built(cache_folder(cache_dir), key, model, {"text_cut": "verified" if self._text_tower else "off"})
         if source.kind == "random":
-            log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use "
-                        "them only for tests and benchmarks", spec.model, spec.pretrained)
+            warn_random_weights(spec.model, spec.pretrained)
         self.text_truncation = self._text_tower is not None
         self.model = model.to(self.device).eval()
         size = self.model.visual.preprocess_cfg.get("size", 224)

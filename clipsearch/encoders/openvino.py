@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, RUNTIMES, Encoder, EncoderSpec, built_model_folder
-from clipsearch.encoders import cpu_has_native_bf16, gpu_may_be_present, load_encoder, model_id_for
+from clipsearch.encoders import cpu_has_native_bf16, gpu_may_be_present, load_encoder, model_id_for, normalize_rows
+from clipsearch.encoders import remove_abandoned, warn_random_weights
 from clipsearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,10 @@ def preprocess_image(image: Any, cfg: dict) -> np.ndarray:
 
 def check_preprocess_cfg(cfg: dict) -> None:
     """Raise ExportUnsupported for an eval transform preprocess_image() does not reproduce."""
-    size = cfg.get("size", 224)
+    size = cfg.get("size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
             raise ExportUnsupported(f"non-square input size {size}")
-        size = size[0]
     if cfg.get("resize_mode", "shortest") not in SUPPORTED_RESIZE_MODES:
         raise ExportUnsupported(f"resize mode {cfg.get('resize_mode')}")
     if len(cfg.get("mean", ())) != 3 or len(cfg.get("std", ())) != 3:
@@ -177,20 +177,19 @@ class OpenVinoEncoder(Encoder):
         self.image_size = int(self._cfg["size"])
         self.dim = int(meta["dim"])
         try:
-            self._compiled = _compile(ov, folder / f"{key}.xml", self.precision)
+            self._compiled = _compile(folder / f"{key}.xml", self.precision)
         except Exception as e:  # noqa: BLE001 - a damaged cache file: export again rather than fail the run
             if exported_now:
                 raise
             log.info("cannot compile the cached OpenVINO model %s (%s): exporting it again", key, e)
             export_image_tower(spec, folder, key)
-            self._compiled = _compile(ov, folder / f"{key}.xml", self.precision)
+            self._compiled = _compile(folder / f"{key}.xml", self.precision)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: calls from several threads take turns
         self._text_encoder: Encoder | None = None
         self._text_lock = threading.Lock()
         if meta.get("random") and not exported_now:  # the export's torch load has just said so
-            log.warning("model %s has RANDOM weights (pretrained=%s): search results will be meaningless; use "
-                        "them only for tests and benchmarks", spec.model, spec.pretrained)
+            warn_random_weights(spec.model, spec.pretrained)
         log.info("loaded %s image tower with OpenVINO %s on the CPU (%s) in %.2f s, dim %d", self.model_id,
                  ov.__version__, self.precision, time.perf_counter() - started, self.dim)
 
@@ -251,17 +250,11 @@ def openvino_core() -> Any:
         return _CORE
 
 
-def _compile(ov: Any, xml: Path, precision: str) -> Any:
+def _compile(xml: Path, precision: str) -> Any:
     return openvino_core().compile_model(str(xml), "CPU", {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "PERFORMANCE_HINT": "LATENCY",  # one batch at a time on every core; THROUGHPUT halved images/s here
     })
-
-
-def normalize_rows(rows: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm (at least 1e-12, as torch's F.normalize), float32."""
-    norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-12))
-    return np.ascontiguousarray(rows / norms, dtype=np.float32)
 
 
 def _load_meta(folder: Path, key: str) -> dict | None:
@@ -353,7 +346,7 @@ def _save(folder: Path, key: str, ov_model: Any, meta: dict) -> None:
     import openvino as ov
 
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_exports(folder)
+    remove_abandoned(folder, ".*-openvino-*")  # scratch folders of exports killed mid-write
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder))
     try:
         ov.save_model(ov_model, str(scratch / f"{key}.xml"), compress_to_fp16=False)  # fp32: exact on fp32 CPUs
@@ -362,17 +355,6 @@ def _save(folder: Path, key: str, ov_model: Any, meta: dict) -> None:
             os.replace(scratch / f"{key}{suffix}", folder / f"{key}{suffix}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _remove_abandoned_exports(folder: Path, older_than_s: float = 3600) -> None:
-    # An export killed mid-write leaves its scratch folder behind; an hour-old one is nobody's work in progress.
-    cutoff = time.time() - older_than_s
-    for leftover in folder.glob(".*-openvino-*"):
-        try:
-            if leftover.is_dir() and leftover.stat().st_mtime < cutoff:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _mark_unsupported(folder: Path, key: str, reason: str) -> None:
