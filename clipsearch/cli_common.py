@@ -13,8 +13,9 @@ from clipsearch.config import cli_flag, load_settings, setting_fields
 from clipsearch.errors import ClipsearchError
 
 LIBRARY_SETTINGS = ("data_dir", "db")
-ENCODER_SETTINGS = LIBRARY_SETTINGS + ("model", "pretrained", "device", "precision", "model_cache_dir", "vector_index", "log_level")
-INDEX_SETTINGS = ENCODER_SETTINGS + ("runtime", "batch_size", "workers", "max_image_pixels", "include_hidden", "follow_symlinks")
+ENCODER_SETTINGS = LIBRARY_SETTINGS + ("model", "pretrained", "device", "precision", "runtime", "model_cache_dir", "vector_index",
+                                      "log_level")
+INDEX_SETTINGS = ENCODER_SETTINGS + ("batch_size", "workers", "max_image_pixels", "include_hidden", "follow_symlinks")
 WATCH_SETTINGS = ("watch_polling", "watch_poll_seconds", "watch_settle_seconds", "watch_rescan_minutes")
 
 

@@ -160,7 +160,8 @@ def labels_apply(set_name: str | None, as_json: bool, settings: Settings) -> Non
     try:
         def encoder():
             model, pretrained = library.resolve_model()
-            return load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir))
+            return load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir,
+                                            settings.runtime))
 
         with library.writer_lock("labels"):
             library.resolve_model()  # an explicit --model other than the library's is an error, before any work

@@ -32,8 +32,9 @@ class Searcher:
     """Answers queries over one library; keeps the encoder loaded and the vector store current."""
 
     def __init__(self, library: Library, encoder: Encoder | None = None, background_rebuild: bool = False,
-                 hide_vanished: bool = False):
+                 hide_vanished: bool = False, runtime: str = "torch"):
         self.library = library
+        self.runtime = runtime  # for the encoder loaded here (see EncoderSpec.runtime)
         self.background_rebuild = background_rebuild  # long-running servers keep answering during index rebuilds
         self.hide_vanished = hide_vanished  # check result files exist (servers): a deleted photo is never shown
         self._encoder = encoder
@@ -56,7 +57,8 @@ class Searcher:
                 settings = self.library.settings
                 model, pretrained = self.library.resolve_model()
                 self._encoder = load_encoder(
-                    EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir)
+                    EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir,
+                                self.runtime)
                 )
             return self._encoder
 

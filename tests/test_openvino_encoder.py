@@ -230,12 +230,13 @@ def test_openvino_bf16_agrees_with_torch_fp32(cache_dir, torch_fp32):
 
 
 @needs_openvino
-def test_texts_go_through_torch_loaded_on_first_use(cache_dir, torch_fp32):
+def test_texts_go_through_the_openvino_text_tower_loaded_on_first_use(cache_dir, torch_fp32):
     encoder = load_encoder(spec_for(cache_dir))
-    assert encoder._text_encoder is None and encoder.text_truncation is None
-    texts = ["a dog", "two red cars on a bridge"]
-    np.testing.assert_array_equal(encoder.encode_texts(texts), torch_fp32.encode_texts(texts))
-    assert encoder.text_encoder().model_id == encoder.model_id and encoder.text_truncation is True
+    assert encoder._openvino_text is None and encoder.text_truncation is None
+    texts = ["a dog", "two red cars on a bridge", ""]
+    assert min_row_cosine(encoder.encode_texts(texts), torch_fp32.encode_texts(texts)) >= 0.9999
+    assert encoder._openvino_text is not None and encoder._text_encoder is None  # torch never loaded
+    assert encoder.text_truncation is True
     assert encoder.encode_texts([]).shape == (0, encoder.dim)
     with pytest.raises(TypeError):
         encoder.encode_texts("one string")
@@ -358,6 +359,9 @@ def test_vit_b_32_openvino_agrees_with_torch_fp32(tmp_path):
     expected = reference.encode_images([reference.preprocess(im) for im in images])
     assert ov_auto.model_id == reference.model_id
     assert min_row_cosine(got, expected) >= 0.999  # bf16 where the CPU has it, else fp32
+    texts = ["a dog on the beach", "", "fish &amp; chips at night", " ".join(["a long caption"] * 40)]
+    assert min_row_cosine(ov_auto.encode_texts(texts), reference.encode_texts(texts)) >= 0.999
+    assert ov_auto._openvino_text is not None  # the texts went through OpenVINO
 
 
 @needs_openvino
@@ -367,8 +371,8 @@ def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path,
     def no_space(folder, key, ov_model, meta):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    real_save = ov_runtime._save
-    monkeypatch.setattr(ov_runtime, "_save", no_space)
+    real_save = ov_runtime.save_ir
+    monkeypatch.setattr(ov_runtime, "save_ir", no_space)
     auto = replace(spec_for(tmp_path), runtime="auto")
     monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
@@ -377,7 +381,7 @@ def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path,
     assert "No space left on device" in caplog.text and "free space" in caplog.text
     folder = built_model_folder(str(tmp_path))
     assert not list(folder.glob("*.unsupported")) and not [p for p in folder.iterdir() if p.name.startswith(".")]
-    monkeypatch.setattr(ov_runtime, "_save", real_save)
+    monkeypatch.setattr(ov_runtime, "save_ir", real_save)
     assert type(load_encoder(auto)).__name__ == "OpenVinoEncoder"  # space again: the export happens
 
 
@@ -386,7 +390,7 @@ def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch,
     def unsupported_cpu(xml, precision):
         raise RuntimeError("CPU plugin: the CPU lacks SSE4.2")
 
-    monkeypatch.setattr(ov_runtime, "_compile", unsupported_cpu)
+    monkeypatch.setattr(ov_runtime, "compile_ir", unsupported_cpu)
     monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
     with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):

@@ -119,7 +119,8 @@ class Services:
         """Services for the settings' library (the encoder loads on first use unless one is given)."""
         library = Library(settings)
         renditions = RenditionCache(settings.data_dir / "renditions", settings.max_image_pixels)
-        return cls(settings, library, Searcher(library, encoder, background_rebuild=True, hide_vanished=True), renditions, UploadedQueries())
+        return cls(settings, library, Searcher(library, encoder, background_rebuild=True, hide_vanished=True,
+                                                 runtime=settings.runtime), renditions, UploadedQueries())
 
     def filter_options(self) -> dict[str, Any]:
         """Folders, formats and date range the filters offer, recomputed only when the catalog changed."""

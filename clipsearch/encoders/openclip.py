@@ -339,6 +339,11 @@ class OpenClipEncoder(Encoder):
         log.info("loaded %s on %s (%s), dim %d, text truncation %s", self.model_id, self.device, self.precision,
                  self.dim, "on" if self.text_truncation else "off")
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's open_clip tokenizer."""
+        return self._tokenizer
+
     def _build_first_time(self, spec: EncoderSpec, source: _Source, cache_dir: str | None):
         """Fetch weights if needed and build the fp32 CPU model the slow way; sets transform and tokenizer."""
         with _LOAD_LOCK:

@@ -154,7 +154,7 @@ def check_preprocess_cfg(cfg: dict) -> None:
 
 
 class OpenVinoEncoder(Encoder):
-    """Image tower compiled by OpenVINO for the CPU; encode_texts loads the open_clip model on first use."""
+    """Both towers compiled by OpenVINO for the CPU; texts fall back to open_clip where the text tower can't export."""
 
     runtime = "openvino"
 
@@ -167,9 +167,9 @@ class OpenVinoEncoder(Encoder):
         precision = (spec.precision or "auto").strip().lower()
         self.precision = "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()) else "fp32"
         cache_dir = str(Path(spec.cache_dir).expanduser()) if spec.cache_dir else None
-        folder, key = built_model_folder(cache_dir), ir_cache_key(spec)
+        self._folder, self._key = folder, key = built_model_folder(cache_dir), ir_cache_key(spec)
         started = time.perf_counter()
-        meta = _load_meta(folder, key)
+        meta = load_meta(folder, key)
         exported_now = meta is None
         if exported_now:
             meta = export_image_tower(spec, folder, key)
@@ -177,16 +177,18 @@ class OpenVinoEncoder(Encoder):
         self.image_size = int(self._cfg["size"])
         self.dim = int(meta["dim"])
         try:
-            self._compiled = _compile(folder / f"{key}.xml", self.precision)
+            self._compiled = compile_ir(folder / f"{key}.xml", self.precision)
         except Exception as e:  # noqa: BLE001 - a damaged cache file: export again rather than fail the run
             if exported_now:
                 raise
             log.info("cannot compile the cached OpenVINO model %s (%s): exporting it again", key, e)
-            export_image_tower(spec, folder, key)
-            self._compiled = _compile(folder / f"{key}.xml", self.precision)
+            export_image_tower(spec, folder, key, text=False)
+            self._compiled = compile_ir(folder / f"{key}.xml", self.precision)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: calls from several threads take turns
-        self._text_encoder: Encoder | None = None
+        self._text_encoder: Encoder | None = None  # torch, for texts when the text tower is not under OpenVINO
+        self._openvino_text: Any = None  # OpenVinoTextTower, loaded on the first text
+        self._openvino_text_off = False  # the text tower cannot run under OpenVINO: texts go through torch
         self._text_lock = threading.Lock()
         if meta.get("random") and not exported_now:  # the export's torch load has just said so
             warn_random_weights(spec.model, spec.pretrained)
@@ -196,6 +198,8 @@ class OpenVinoEncoder(Encoder):
     @property
     def text_truncation(self) -> bool | None:
         """Whether the text tower cuts padding (None until it is loaded)."""
+        if self._openvino_text is not None:
+            return True  # only causal towers are exported, and run cut
         return getattr(self._text_encoder, "text_truncation", None)
 
     def preprocess(self, image: Any) -> np.ndarray:
@@ -213,15 +217,64 @@ class OpenVinoEncoder(Encoder):
         return normalize_rows(out)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> float32 [n, dim], L2-normalised rows (through open_clip, loaded on first use)."""
+        """Texts -> float32 [n, dim], L2-normalised rows (text tower loaded on first use)."""
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a sequence of strings, not one string")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        tower = self.openvino_text_tower()
+        if tower is not None:
+            return tower.encode(list(texts))
         return self.text_encoder().encode_texts(texts)
 
+    def openvino_text_tower(self) -> Any:
+        """The text tower under OpenVINO (an OpenVinoTextTower), loaded on first call; None when texts use torch."""
+        with self._text_lock:
+            if self._openvino_text is None and not self._openvino_text_off:
+                self._openvino_text = self._load_openvino_text()
+                self._openvino_text_off = self._openvino_text is None
+            return self._openvino_text
+
+    def _load_openvino_text(self) -> Any:
+        from clipsearch.encoders.openvino_text import OpenVinoTextTower, load_text_meta
+
+        try:
+            meta = load_text_meta(self._folder, self._key)
+        except ExportUnsupported as e:
+            log.debug("texts of %s go through torch: %s", self.model_id, e)
+            return None
+        exported_now = meta is None
+        if exported_now:  # a cache from before text towers were exported
+            meta = self._export_text_tower()
+        for attempt in range(2):
+            if meta is None:
+                return None
+            if int(meta["dim"]) != self.dim:
+                log.warning("the exported text tower of %s has dim %s, its image tower %d: texts use torch",
+                            self.model_id, meta["dim"], self.dim)
+                return None
+            try:
+                return OpenVinoTextTower(self._folder, self._key, meta, self.precision)
+            except Exception as e:  # noqa: BLE001 - a damaged cache file or OpenVINO failing: torch still works
+                if exported_now or attempt:
+                    log.warning("OpenVINO could not compile the text tower of %s (%s): texts use torch",
+                                self.model_id, e)
+                    return None
+                log.info("cannot compile the cached OpenVINO text tower of %s (%s): exporting it again",
+                         self.model_id, e)
+                meta = self._export_text_tower()
+        return None
+
+    def _export_text_tower(self) -> dict | None:
+        from clipsearch.encoders.openclip import OpenClipEncoder
+        from clipsearch.encoders.openvino_text import export_text_tower
+
+        torch_encoder = OpenClipEncoder(replace(self.spec, device="cpu", precision="fp32", runtime="torch"),
+                                        cache_built=False)
+        return export_text_tower(torch_encoder, self._folder, self._key)
+
     def text_encoder(self) -> Encoder:
-        """The torch encoder that embeds texts (loaded on first call)."""
+        """The torch encoder that embeds texts when the text tower is not under OpenVINO (loaded on first call)."""
         with self._text_lock:
             if self._text_encoder is None:
                 log.info("loading %s through open_clip to encode texts", self.model_id)
@@ -229,9 +282,10 @@ class OpenVinoEncoder(Encoder):
             return self._text_encoder
 
     def warm_up(self) -> None:
-        """Encode one blank image (texts warm up when their tower loads)."""
+        """Encode one short text and one blank image, so the first real query pays no lazy initialisation."""
         from PIL import Image
 
+        self.encode_texts(["a photo"])
         self.encode_images([self.preprocess(Image.new("RGB", (self.image_size, self.image_size)))])
 
 
@@ -250,14 +304,15 @@ def openvino_core() -> Any:
         return _CORE
 
 
-def _compile(xml: Path, precision: str) -> Any:
+def compile_ir(xml: Path, precision: str) -> Any:
+    """An exported tower compiled for this CPU at bf16 or fp32."""
     return openvino_core().compile_model(str(xml), "CPU", {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "PERFORMANCE_HINT": "LATENCY",  # one batch at a time on every core; THROUGHPUT halved images/s here
     })
 
 
-def _load_meta(folder: Path, key: str) -> dict | None:
+def load_meta(folder: Path, key: str) -> dict | None:
     """The sidecar of an exported tower, None when there is none; ExportUnsupported when a past try failed."""
     unsupported = folder / f"{key}.unsupported"
     if unsupported.is_file():
@@ -274,8 +329,8 @@ def _load_meta(folder: Path, key: str) -> dict | None:
         return None
 
 
-def export_image_tower(spec: EncoderSpec, folder: Path, key: str) -> dict:
-    """Export the spec's image tower to OpenVINO IR in `folder`, checked against torch; its sidecar metadata.
+def export_image_tower(spec: EncoderSpec, folder: Path, key: str, text: bool = True) -> dict:
+    """Export the spec's image tower (and text tower) to OpenVINO IR in `folder`, checked against torch; its metadata.
 
     Errors loading the model (unknown name, missing weights) propagate as they would on the torch path; a
     tower that cannot be exported or does not agree raises ExportUnsupported and leaves a marker, so later
@@ -286,29 +341,51 @@ def export_image_tower(spec: EncoderSpec, folder: Path, key: str) -> dict:
     started = time.perf_counter()
     # fp32 on the CPU, and not added to the built-model cache: it serves this export only.
     torch_encoder = OpenClipEncoder(replace(spec, device="cpu", precision="fp32", runtime="torch"), cache_built=False)
+    from clipsearch.encoders.openvino_text import export_text_tower, text_stem
+
+    if text:  # while the whole model is loaded; never fails this export (texts then stay on torch)
+        export_text_tower(torch_encoder, folder, key)  # written now: holding it would add to the peak below
     model_id, image_size, visual = torch_encoder.model_id, torch_encoder.image_size, torch_encoder.model.visual
     del torch_encoder  # the text tower goes: peak memory of a first run matters on small machines
+    try:
+        meta = _convert_and_save(folder, key, visual, model_id, image_size)
+    except ExportUnsupported:
+        _discard(folder, text_stem(key))  # never used without the image tower: no disk spent on it
+        raise
+    log.info("exported the image tower of %s to OpenVINO in %.1f s (once per model)", model_id,
+             time.perf_counter() - started)
+    return meta
+
+
+def _convert_and_save(folder: Path, key: str, visual: Any, model_id: str, image_size: int) -> dict:
+    """Convert, check and save the image tower; its metadata, or ExportUnsupported (marked when the model's fault)."""
     try:
         meta, ov_model = _convert(visual, model_id, image_size)
         meta["random"] = "/random" in model_id
     except ExportUnsupported as e:
-        _mark_unsupported(folder, key, str(e))
+        mark_unsupported(folder, key, str(e), "image tower")
         raise
     except Exception as e:  # noqa: BLE001 - exporters fail in many ways; each means "use torch"
         reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        _mark_unsupported(folder, key, reason)
+        mark_unsupported(folder, key, reason, "image tower")
         raise ExportUnsupported(reason) from e
     try:
-        _save(folder, key, ov_model, meta)
+        save_ir(folder, key, ov_model, meta)
     except Exception as e:  # noqa: BLE001 - a full or read-only disk is no verdict on the model: no marker
         # OpenVINO reports its own write failures as RuntimeError, with the OS message inside.
         detail = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:300]
         reason = f"cannot write the exported model to {folder}: {detail}"
         log.warning("%s; indexing with torch this time (free space there or set --model-cache-dir)", reason)
         raise ExportUnsupported(reason) from e
-    log.info("exported the image tower of %s to OpenVINO in %.1f s (once per model)", model_id,
-             time.perf_counter() - started)
     return meta
+
+
+def _discard(folder: Path, stem: str) -> None:
+    for suffix in (".xml", ".bin", ".json"):  # the .xml first: without it the rest is never read
+        try:
+            (folder / f"{stem}{suffix}").unlink()
+        except OSError:
+            pass
 
 
 def _convert(visual: Any, model_id: str, size: int) -> tuple[dict, Any]:
@@ -341,7 +418,7 @@ def _convert(visual: Any, model_id: str, size: int) -> tuple[dict, Any]:
     return meta, ov_model
 
 
-def _save(folder: Path, key: str, ov_model: Any, meta: dict) -> None:
+def save_ir(folder: Path, key: str, ov_model: Any, meta: dict) -> None:
     """Write IR (.xml + .bin) and sidecar atomically: the .xml, renamed last, says the others are complete."""
     import openvino as ov
 
@@ -357,8 +434,9 @@ def _save(folder: Path, key: str, ov_model: Any, meta: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _mark_unsupported(folder: Path, key: str, reason: str) -> None:
-    log.info("the image tower cannot run under OpenVINO (%s): using torch", reason)
+def mark_unsupported(folder: Path, key: str, reason: str, tower: str) -> None:
+    """Leave the reason a tower cannot be exported, so later runs go straight to torch for it."""
+    log.info("the %s cannot run under OpenVINO (%s): using torch for it", tower, reason)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{key}.unsupported").write_text(reason + "\n", encoding="utf-8")

@@ -52,11 +52,14 @@ class CausalTextTower:
         # Mirrors open_clip's CLIP.encode_text / TextTransformer.forward (no CLS token, no pad mask: checked in
         # find_causal_tower), except that the positional embedding and causal mask are sliced to L.
         # Attributes are read on every call so a later .to(device/dtype) of the model is always seen.
-        m, length = self.owner, tokens.shape[1]
+        # index_select rather than [:L] slices: torch.export (the OpenVINO text export) specialises a slice that may
+        # span the whole tensor, and would refuse a dynamic length reaching the full context.
+        m = self.owner
+        kept = torch.arange(tokens.shape[1], device=tokens.device)
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
-        x = x + m.positional_embedding[:length].to(cast_dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = x + m.positional_embedding.index_select(0, kept).to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask.index_select(0, kept).index_select(1, kept))
         x = m.ln_final(x)
         x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
         if m.text_projection is not None:
