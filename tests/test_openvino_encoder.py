@@ -271,9 +271,10 @@ def test_a_damaged_export_is_made_again(tmp_path, ov_fp32):
     xml = built_model_folder(str(tmp_path)) / f"{ir_cache_key(spec)}.xml"
     xml.write_text("<net>truncated")
     again = load_encoder(spec)
-    assert xml.read_text().startswith("<?xml")
     image = [encoder.preprocess(Image.new("RGB", (64, 64), "blue"))]
     np.testing.assert_allclose(again.encode_images(image), encoder.encode_images(image), atol=1e-6)
+    assert xml.read_text().startswith("<?xml")  # exported again when the image tower was first needed
+    assert again._request is not None  # and run by OpenVINO, not torch
 
 
 @needs_openvino
@@ -386,18 +387,36 @@ def test_a_full_disk_falls_back_to_torch_without_giving_up_on_openvino(tmp_path,
 
 
 @needs_openvino
-def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+def test_openvino_failing_at_run_time_falls_back_to_torch(tmp_path, monkeypatch, caplog, torch_fp32):
     def unsupported_cpu(xml, precision):
         raise RuntimeError("CPU plugin: the CPU lacks SSE4.2")
 
+    load_encoder(spec_for(tmp_path))  # exported while OpenVINO works
     monkeypatch.setattr(ov_runtime, "compile_ir", unsupported_cpu)
     monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)
     monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
+    encoder = load_encoder(replace(spec_for(tmp_path), runtime="auto"))
+    images = make_images(3, seed=11)
+    inputs = [encoder.preprocess(im) for im in images]
     with caplog.at_level(logging.WARNING, logger="clipsearch.encoders"):
-        encoder = load_encoder(replace(spec_for(tmp_path), runtime="auto"))
-    assert type(encoder).__name__ == "OpenClipEncoder" and "lacks SSE4.2" in caplog.text
+        got = encoder.encode_images(inputs)
+    assert "lacks SSE4.2" in caplog.text and "go through torch" in caplog.text
+    np.testing.assert_allclose(got, torch_fp32.encode_images([torch_fp32.preprocess(im) for im in images]), atol=1e-5)
+    texts = ["a dog", "a red car"]
+    np.testing.assert_allclose(encoder.encode_texts(texts), torch_fp32.encode_texts(texts), atol=1e-5)
     with pytest.raises(ConfigError, match="OpenVINO could not run.*SSE4.2"):
-        load_encoder(spec_for(tmp_path))
+        load_encoder(spec_for(tmp_path)).encode_images(inputs)  # asked for explicitly: an error, not a fallback
+
+
+@needs_openvino
+def test_the_image_tower_compiles_on_first_use_and_the_indexer_prepares_it(cache_dir, ov_fp32):
+    from clipsearch.encoders.background import BackgroundEncoder
+
+    encoder = load_encoder(spec_for(cache_dir))
+    encoder.encode_texts(["a text search needs no image tower"])
+    assert encoder._request is None
+    loading = BackgroundEncoder(spec_for(cache_dir))
+    assert loading.result()._request is not None  # compiled in the loading thread, while photos decode
 
 
 def test_scratch_folders_of_killed_exports_are_removed_after_an_hour(tmp_path):

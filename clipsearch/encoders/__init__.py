@@ -70,6 +70,9 @@ class Encoder(abc.ABC):
     def warm_up(self) -> None:
         """Run one tiny text and image encode so the first real query pays no lazy initialisation (default: no-op)."""
 
+    def prepare_images(self) -> None:
+        """Load now what encode_images loads on first use, if anything (default: nothing to do)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({getattr(self, 'model_id', '?')!r}, device={getattr(self, 'device', '?')!r})"
 

@@ -55,6 +55,7 @@ class BackgroundEncoder:
                     f"the encoder loaded for {self.model_id} calls itself {encoder.model_id}",
                     "a registered encoder factory must give model_id_for(model, pretrained): this is a bug in it",
                 )
+            encoder.prepare_images()  # in this thread, while the first photos decode
             self._encoder = encoder
         except BaseException as e:  # handed to whoever asks for the encoder, in their thread
             self._error = e

@@ -177,15 +177,10 @@ class OpenVinoEncoder(Encoder):
         self._cfg = meta["preprocess_cfg"]
         self.image_size = int(self._cfg["size"])
         self.dim = int(meta["dim"])
-        try:
-            self._compiled = compile_ir(folder / f"{key}.xml", self.precision)
-        except Exception as e:  # noqa: BLE001 - a damaged cache file: export again rather than fail the run
-            if exported_now:
-                raise
-            log.info("cannot compile the cached OpenVINO model %s (%s): exporting it again", key, e)
-            export_image_tower(spec, folder, key, text=False)
-            self._compiled = compile_ir(folder / f"{key}.xml", self.precision)
-        self._request = self._compiled.create_infer_request()
+        # The image tower compiles on first use (prepare_images): a text search never pays its 0.25 s and memory.
+        self._image_exported_now = exported_now
+        self._request: Any = None
+        self._images_on_torch = False  # OpenVINO could not compile it: images go through torch
         self._lock = threading.Lock()  # one infer request: calls from several threads take turns
         self._text_encoder: Encoder | None = None  # torch, for texts when the text tower is not under OpenVINO
         self._openvino_text: Any = None  # OpenVinoTextTower, loaded on the first text
@@ -207,15 +202,49 @@ class OpenVinoEncoder(Encoder):
         """RGB PIL image -> float32 [3, image_size, image_size], exactly open_clip's eval transform."""
         return preprocess_image(image, self._cfg)
 
+    def prepare_images(self) -> None:
+        """Compile the image tower now rather than on the first batch (the indexer does it while it decodes)."""
+        with self._lock:
+            self._image_request()
+
     def encode_images(self, batch: Sequence[Any]) -> np.ndarray:
         """preprocess() outputs -> float32 [n, dim], L2-normalised rows."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         inputs = np.stack([np.asarray(item, dtype=np.float32) for item in batch])
         with self._lock:  # infer() releases the GIL: decoding threads keep working meanwhile
-            self._request.infer({0: inputs})
-            out = np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
-        return normalize_rows(out)
+            request = self._image_request()
+            if request is not None:
+                request.infer({0: inputs})
+                return normalize_rows(np.array(request.get_output_tensor(0).data, dtype=np.float32))
+        import torch
+
+        return self.text_encoder().encode_images(list(torch.from_numpy(inputs)))  # the same inputs, bit for bit
+
+    def _image_request(self) -> Any:
+        """The image tower's infer request, compiled on first call; None when images go through torch (locked)."""
+        if self._request is None and not self._images_on_torch:
+            try:
+                self._request = self._compile_image().create_infer_request()
+            except Exception as e:  # noqa: BLE001 - OpenVINO itself failed (an unsupported CPU, a broken install)
+                if (self.spec.runtime or "").strip().lower() == "openvino":
+                    raise ConfigError(f"OpenVINO could not run model {self.spec.model}: {e}",
+                                      "use --runtime torch") from e
+                log.warning("OpenVINO could not run model %s (%s): its images go through torch", self.spec.model, e)
+                self._images_on_torch = True
+        return self._request
+
+    def _compile_image(self) -> Any:
+        xml = self._folder / f"{self._key}.xml"
+        try:
+            return compile_ir(xml, self.precision)
+        except Exception as e:  # noqa: BLE001 - a damaged cache file: export again rather than fail the run
+            if self._image_exported_now:
+                raise
+            log.info("cannot compile the cached OpenVINO model %s (%s): exporting it again", self._key, e)
+            self._image_exported_now = True
+            export_image_tower(self.spec, self._folder, self._key, text=False)
+            return compile_ir(xml, self.precision)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [n, dim], L2-normalised rows (text tower loaded on first use)."""
@@ -275,10 +304,10 @@ class OpenVinoEncoder(Encoder):
         return export_text_tower(torch_encoder, self._folder, self._key)
 
     def text_encoder(self) -> Encoder:
-        """The torch encoder that embeds texts when the text tower is not under OpenVINO (loaded on first call)."""
+        """The torch encoder for a tower OpenVINO cannot run here (loaded on first call)."""
         with self._text_lock:
             if self._text_encoder is None:
-                log.info("loading %s through open_clip to encode texts", self.model_id)
+                log.info("loading %s through open_clip", self.model_id)
                 self._text_encoder = load_encoder(replace(self.spec, device="cpu", runtime="torch"))
             return self._text_encoder
 

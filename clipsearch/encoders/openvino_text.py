@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,8 +147,11 @@ class OpenVinoTextTower:
     def __init__(self, folder: Path, key: str, meta: dict, precision: str):
         self.meta = meta
         self.dim = int(meta["dim"])
-        self._tokenizer = ClipTokenizer(int(meta["context_length"]))
-        self._compiled = openvino_runtime.compile_ir(folder / f"{text_stem(key)}.xml", precision)
+        with ThreadPoolExecutor(1, thread_name_prefix="clipsearch-tokenizer") as pool:
+            # Reading the vocabulary is Python work (0.1 s) and compiling releases the GIL: both at once.
+            tokenizer = pool.submit(ClipTokenizer, int(meta["context_length"]))
+            self._compiled = openvino_runtime.compile_ir(folder / f"{text_stem(key)}.xml", precision)
+            self._tokenizer = tokenizer.result()
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: callers take turns, tokenising outside the lock
 
