@@ -188,8 +188,8 @@ class OpenVinoEncoder(Encoder):
         self._text_lock = threading.Lock()
         if meta.get("random") and not exported_now:  # the export's torch load has just said so
             warn_random_weights(spec.model, spec.pretrained)
-        log.info("loaded %s image tower with OpenVINO %s on the CPU (%s) in %.2f s, dim %d", self.model_id,
-                 ov.__version__, self.precision, time.perf_counter() - started, self.dim)
+        log.debug("found the OpenVINO export of %s in %.2f s (OpenVINO %s, %s on the CPU, dim %d)", self.model_id,
+                  time.perf_counter() - started, ov.__version__, self.precision, self.dim)
 
     @property
     def text_truncation(self) -> bool | None:
@@ -236,8 +236,12 @@ class OpenVinoEncoder(Encoder):
 
     def _compile_image(self) -> Any:
         xml = self._folder / f"{self._key}.xml"
+        started = time.perf_counter()
         try:
-            return compile_ir(xml, self.precision)
+            compiled = compile_ir(xml, self.precision)
+            log.info("compiled the image tower of %s with OpenVINO for the CPU (%s) in %.2f s", self.model_id,
+                     self.precision, time.perf_counter() - started)
+            return compiled
         except Exception as e:  # noqa: BLE001 - a damaged cache file: export again rather than fail the run
             if self._image_exported_now:
                 raise

@@ -147,11 +147,14 @@ class OpenVinoTextTower:
     def __init__(self, folder: Path, key: str, meta: dict, precision: str):
         self.meta = meta
         self.dim = int(meta["dim"])
+        started = time.perf_counter()
         with ThreadPoolExecutor(1, thread_name_prefix="clipsearch-tokenizer") as pool:
             # Reading the vocabulary is Python work (0.1 s) and compiling releases the GIL: both at once.
             tokenizer = pool.submit(ClipTokenizer, int(meta["context_length"]))
             self._compiled = openvino_runtime.compile_ir(folder / f"{text_stem(key)}.xml", precision)
             self._tokenizer = tokenizer.result()
+        log.info("compiled the text tower of %s with OpenVINO for the CPU (%s) in %.2f s", meta["model_id"], precision,
+                 time.perf_counter() - started)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: callers take turns, tokenising outside the lock
 
