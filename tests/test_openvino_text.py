@@ -205,3 +205,25 @@ def test_the_server_loads_its_model_with_the_runtime_setting(settings):
         assert services.searcher.runtime == "openvino"
     finally:
         services.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "text_cfg", "custom_text", "why"),
+    [
+        ("cs-ov-bidirectional", {"no_causal_mask": True}, False, "not causal"),  # like MobileCLIP
+        ("cs-ov-last-pool", {"pool_type": "last"}, False, "pools 'last'"),
+        ("cs-ov-causal-custom", {}, True, ""),  # CustomTextCLIP with open_clip's causal tower: exported
+    ],
+)
+def test_only_causal_text_towers_are_exported(tmp_path, name, text_cfg, custom_text, why):
+    from tests.test_encoder_speed_paths import _register_config
+
+    _register_config(tmp_path, name, text_cfg, custom_text)
+    spec = EncoderSpec(name, "none", "cpu", "fp32", tmp_path / "models", runtime="openvino")
+    encoder, reference = load_encoder(spec), load_encoder(replace(spec, runtime="torch"))
+    assert min_row_cosine(encoder.encode_texts(TEXTS), reference.encode_texts(TEXTS)) >= 0.9999
+    marker = built_model_folder(str(tmp_path / "models")) / f"{openvino_text.text_stem(ir_cache_key(spec))}.unsupported"
+    if why:
+        assert why in marker.read_text() and encoder._openvino_text is None and encoder._text_encoder is not None
+    else:
+        assert not marker.exists() and encoder._openvino_text is not None and encoder._text_encoder is None
