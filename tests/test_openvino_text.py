@@ -227,3 +227,19 @@ def test_only_causal_text_towers_are_exported(tmp_path, name, text_cfg, custom_t
         assert why in marker.read_text() and encoder._openvino_text is None and encoder._text_encoder is not None
     else:
         assert not marker.exists() and encoder._openvino_text is not None and encoder._text_encoder is None
+
+
+def test_a_one_query_process_embeds_on_the_cpu_where_openvino_runs(monkeypatch):
+    from clipsearch.cli import one_query_settings
+    from clipsearch.config import load_settings
+
+    monkeypatch.setattr(ov_runtime.platform, "machine", lambda: "x86_64")
+    settings = load_settings({"model": TINY, "pretrained": "none"}, env={})
+    assert (settings.device, settings.runtime) == ("auto", "auto")
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: True)  # auto alone would load torch for the GPU
+    assert one_query_settings(settings).device == "cpu"
+    for kept in ({"device": "cuda"}, {"runtime": "torch"}, {"precision": "fp16"}, {"model": "hf-hub:org/model"}):
+        explicit = load_settings({"model": TINY, "pretrained": "none", **kept}, env={})
+        assert one_query_settings(explicit) == explicit
+    monkeypatch.setattr(ov_runtime, "gpu_may_be_present", lambda: False)  # no GPU: auto already means OpenVINO
+    assert one_query_settings(settings) == settings
