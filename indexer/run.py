@@ -484,9 +484,11 @@ def prepare_library_model(library: Library, encoder: Encoder, model: str, pretra
 
 
 def load_model(settings: Settings, model: str, pretrained: str) -> Encoder:
-    """Load a model to index with, on the settings' device and precision."""
-    return load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir,
-                                    settings.runtime))
+    """Load a model to index with, on the settings' device and precision, ready to embed images."""
+    encoder = load_encoder(EncoderSpec(model, pretrained, settings.device, settings.precision, settings.model_cache_dir,
+                                       settings.runtime))
+    encoder.prepare_images()  # now, not when the first photo arrives (a watcher's first photo would wait for it)
+    return encoder
 
 
 def index_folders(
