@@ -81,9 +81,9 @@ class Encoder(abc.ABC):
 class EncoderSpec:
     """What to load: model name, pretrained tag/file/none, device, precision, weights cache folder, runtime.
 
-    runtime: torch (open_clip for both towers), openvino (image tower compiled by OpenVINO on the CPU), or auto
-    (OpenVINO where it is installed and the work runs on an x86-64 CPU). Indexing passes the runtime setting;
-    searching keeps torch, whose text tower it needs anyway.
+    runtime: torch (open_clip for both towers), openvino (both towers compiled by OpenVINO on the CPU, texts on
+    torch where the text tower cannot be exported), or auto (OpenVINO where it is installed and the work runs on
+    an x86-64 CPU). The commands pass the runtime setting; the default here is torch for other callers.
     """
 
     model: str
