@@ -72,18 +72,22 @@ def _timed_run(command: list[str], what: str, cwd: Path | None = None, env: dict
     return time.perf_counter() - started
 
 
+def rclip_offline_env(datadir: Path, arch: str = "ViT-B-32-256") -> dict:
+    """Environment for rclip 3.3 to run offline with random weights written into `datadir` (shared/tools)."""
+    if not RCLIP_TOOL.is_file():
+        raise FileNotFoundError(f"{RCLIP_TOOL} is missing")
+    subprocess.run([sys.executable, str(RCLIP_TOOL), str(datadir), arch], check=True, capture_output=True)
+    return {**os.environ, "RCLIP_DATADIR": str(datadir), "HF_HUB_OFFLINE": "1"}
+
+
 def rclip_whole_process(rclip: str, folder: Path, files: int, arch: str = "ViT-B-32-256") -> dict:
     """rclip 3.3 indexing the same folder offline with random weights (shared/tools), timed as a whole process.
 
     Start-up is measured on an empty folder and subtracted to estimate its images/s once started.
     """
-    if not RCLIP_TOOL.is_file():
-        raise FileNotFoundError(f"{RCLIP_TOOL} is missing")
     with tempfile.TemporaryDirectory(prefix="rclip-bench-") as scratch:
         scratch = Path(scratch)
-        datadir = scratch / "rclip-data"
-        subprocess.run([sys.executable, str(RCLIP_TOOL), str(datadir), arch], check=True, capture_output=True)
-        env = {**os.environ, "RCLIP_DATADIR": str(datadir), "HF_HUB_OFFLINE": "1"}
+        env = rclip_offline_env(scratch / "rclip-data", arch)
 
         def timed(cwd: Path) -> float:
             return _timed_run([rclip, "-f", "a dog"], "rclip", cwd=cwd, env=env)

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import RCLIP_TOOL  # noqa: E402
+from baselines import rclip_offline_env  # noqa: E402
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[1].parent / "shared/datasets/camera_roll"
 QUERY = "a dog running on the beach"
@@ -92,10 +92,7 @@ def main() -> None:
             report[runtime] = timed_case([*clipsearch, "search", QUERY, "--local", "--runtime", runtime, *common],
                                          args.runs, env=env)
         if args.rclip:
-            datadir = scratch / "rclip-data"
-            subprocess.run([sys.executable, str(RCLIP_TOOL), str(datadir), "ViT-B-32-256"], check=True,
-                           capture_output=True)
-            rclip_env = {**env, "RCLIP_DATADIR": str(datadir)}
+            rclip_env = rclip_offline_env(scratch / "rclip-data")
             log("indexing the folder with rclip (not timed)")
             subprocess.run([args.rclip, "-f", QUERY], cwd=args.folder, check=True, capture_output=True, env=rclip_env)
             log("timing rclip --no-indexing")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from clipsearch.encoders import EncoderSpec, load_encoder
-from clipsearch.encoders.model_cache import cache_folder
+from clipsearch.encoders import built_model_folder
 
 
 def embeddings(encoder):
@@ -18,7 +18,7 @@ def embeddings(encoder):
 
 
 def cached_files():
-    folder = cache_folder(None)
+    folder = built_model_folder(None)
     return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
@@ -78,7 +78,7 @@ def test_abandoned_temp_files_are_cleaned():
     import os
     import time
 
-    folder = cache_folder(None)
+    folder = built_model_folder(None)
     folder.mkdir(parents=True)
     old, fresh = folder / "old-build.tmp", folder / "fresh-build.tmp"
     for path in (old, fresh):

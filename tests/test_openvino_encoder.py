@@ -251,17 +251,24 @@ def test_export_is_cached_and_a_cached_load_imports_no_torch(cache_dir, ov_fp32)
     meta = json.loads((folder / f"{key}.json").read_text())
     assert meta["model_id"] == ov_fp32.model_id and meta["export_agreement"] >= 0.9999
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no scratch folder left behind
+    got = encode_in_a_new_process(cache_dir, "e.encode_images([e.preprocess(Image.new('RGB', (80, 60), 'red'))])")
+    assert got == f"OpenVinoEncoder (1, {ov_fp32.dim}) []"
+
+
+def encode_in_a_new_process(cache_dir: Path, encode: str) -> str:
+    """'<encoder class> <shape of `encode`> <torch, open_clip, torchvision if imported>' from a fresh interpreter
+    that loads the tiny model with the OpenVINO runtime from `cache_dir` (`e` is the encoder)."""
     script = (
         "import sys\n"
         "from clipsearch.encoders import EncoderSpec, load_encoder\n"
         "from PIL import Image\n"
         f"e = load_encoder(EncoderSpec({TINY!r}, 'none', 'cpu', 'fp32', {str(cache_dir)!r}, runtime='openvino'))\n"
-        "v = e.encode_images([e.preprocess(Image.new('RGB', (80, 60), 'red'))])\n"
+        f"v = {encode}\n"
         "print(type(e).__name__, v.shape, sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"OpenVinoEncoder (1, {ov_fp32.dim}) []"
+    return out.stdout.strip()
 
 
 @needs_openvino

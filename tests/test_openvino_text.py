@@ -20,6 +20,7 @@ from clipsearch.encoders import openvino_text
 from clipsearch.encoders.clip_tokenizer import PROBE_TEXTS, ClipTokenizer
 from clipsearch.encoders.openvino import ir_cache_key
 from tests.test_encoders import TINY
+from tests.test_openvino_encoder import encode_in_a_new_process
 
 pytestmark = pytest.mark.skipif(not ov_runtime.openvino_installed(), reason="openvino is not installed here")
 pytest.importorskip("open_clip")
@@ -88,16 +89,8 @@ def test_the_text_tower_is_exported_with_the_image_tower_and_loads_without_torch
     meta = json.loads(files[".json"].read_text())
     assert meta["model_id"] == ov_fp32.model_id and meta["context_length"] == 77 and meta["pool_type"] == "argmax"
     assert meta["export_agreement"] >= 0.9999 and meta["dim"] == ov_fp32.dim
-    script = (
-        "import sys\n"
-        "from clipsearch.encoders import EncoderSpec, load_encoder\n"
-        f"e = load_encoder(EncoderSpec({TINY!r}, 'none', 'cpu', 'fp32', {str(cache_dir)!r}, runtime='openvino'))\n"
-        "v = e.encode_texts(['a red car', 'a blue boat'])\n"
-        "print(type(e).__name__, v.shape, sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"OpenVinoEncoder (2, {ov_fp32.dim}) []"
+    got = encode_in_a_new_process(cache_dir, "e.encode_texts(['a red car', 'a blue boat'])")
+    assert got == f"OpenVinoEncoder (2, {ov_fp32.dim}) []"
 
 
 def test_a_cache_made_before_text_towers_exports_it_on_the_first_text(tmp_path, torch_fp32):

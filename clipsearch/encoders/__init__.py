@@ -168,10 +168,11 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     if factory is not None:
         log.debug("model %s built by the encoder registered for %r", spec.model, matches[0])
         return factory(spec)
-    from clipsearch.encoders.openvino import ExportUnsupported, OpenVinoEncoder, choose_runtime
+    from clipsearch.encoders.openvino import ExportUnsupported, OpenVinoEncoder, choose_runtime, insists_on_openvino
+    from clipsearch.encoders.openvino import openvino_failed
 
     if choose_runtime(spec) == "openvino":
-        explicit = spec.runtime.strip().lower() == "openvino"  # else auto: fall back to torch
+        explicit = insists_on_openvino(spec)  # else auto: fall back to torch
         try:
             return OpenVinoEncoder(spec)
         except ExportUnsupported as e:
@@ -183,8 +184,8 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
             raise  # the model itself is wrong or missing: torch would say the same
         except Exception as e:  # noqa: BLE001 - OpenVINO itself failed (an unsupported CPU, a broken install)
             if explicit:
-                raise ConfigError(f"OpenVINO could not run model {spec.model}: {e}", "use --runtime torch") from e
-            log.warning("OpenVINO could not run model %s (%s): indexing with torch", spec.model, e)
+                raise openvino_failed(spec, e) from e
+            log.warning("OpenVINO could not run model %s (%s): using torch", spec.model, e)
     from clipsearch.encoders.openclip import OpenClipEncoder  # heavy: torch + open_clip
 
     return OpenClipEncoder(spec)

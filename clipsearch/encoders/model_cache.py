@@ -21,16 +21,11 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from clipsearch.encoders import built_model_folder, remove_abandoned
+from clipsearch.encoders import remove_abandoned
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-
-
-def cache_folder(cache_dir: str | None) -> Path:
-    """Where built models are kept: <model cache dir>/clipsearch-built, else the user's cache dir."""
-    return built_model_folder(cache_dir)
 
 
 def cache_key(kind: str, model: str, pretrained: str | None, quick_gelu: bool) -> str | None:

@@ -21,8 +21,8 @@ from PIL import Image
 
 from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, EncoderSpec, cpu_has_native_bf16
 from clipsearch.encoders import is_random_weights, looks_like_path, model_id_for, resolve_device, split_reference
-from clipsearch.encoders import warn_random_weights
-from clipsearch.encoders.model_cache import cache_folder, cache_key, load_built, save_built
+from clipsearch.encoders import built_model_folder, warn_random_weights
+from clipsearch.encoders.model_cache import cache_key, load_built, save_built
 from clipsearch.encoders.text_cut import find_causal_tower, plan_text_cut
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
 
@@ -316,7 +316,7 @@ class OpenClipEncoder(Encoder):
         built_key = _built_cache_key(source)
         # One cache file per precision: converting 150M weights to bf16 costs more than loading them.
         key = f"{built_key}-{_DTYPE_NAMES[self._dtype]}" if built_key else None
-        cached = load_built(cache_folder(cache_dir), key, source.model, _quick_gelu(source)) if key else None
+        cached = load_built(built_model_folder(cache_dir), key, source.model, _quick_gelu(source)) if key else None
         if cached is not None:
             model, self._transform, metadata = cached
             self._tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
@@ -328,7 +328,7 @@ class OpenClipEncoder(Encoder):
             self._text_tower = plan_text_cut(model, self._tokenizer, "cpu")
             model = model.to(dtype=self._dtype)
             if key and cache_built:
-                save_built(cache_folder(cache_dir), key, model, {"text_cut": "verified" if self._text_tower else "off"})
+                save_built(built_model_folder(cache_dir), key, model, {"text_cut": "verified" if self._text_tower else "off"})
         if source.kind == "random":
             warn_random_weights(spec.model, spec.pretrained)
         self.text_truncation = self._text_tower is not None

@@ -83,6 +83,16 @@ def choose_runtime(spec: EncoderSpec) -> str:
     return "openvino"
 
 
+def insists_on_openvino(spec: EncoderSpec) -> bool:
+    """Whether the spec asks for OpenVINO explicitly (a failure is then an error, not a fall back to torch)."""
+    return (spec.runtime or "").strip().lower() == "openvino"
+
+
+def openvino_failed(spec: EncoderSpec, error: BaseException) -> ConfigError:
+    """The error for OpenVINO itself failing (an unsupported CPU, a broken install) when it was asked for."""
+    return ConfigError(f"OpenVINO could not run model {spec.model}: {error}", "use --runtime torch")
+
+
 def ir_cache_key(spec: EncoderSpec) -> str:
     """The file stem of a model's exported image tower; changes when the weights, open_clip, torch or OpenVINO do."""
     model_id = model_id_for(spec.model, spec.pretrained)
@@ -227,9 +237,8 @@ class OpenVinoEncoder(Encoder):
             try:
                 self._request = self._compile_image().create_infer_request()
             except Exception as e:  # noqa: BLE001 - OpenVINO itself failed (an unsupported CPU, a broken install)
-                if (self.spec.runtime or "").strip().lower() == "openvino":
-                    raise ConfigError(f"OpenVINO could not run model {self.spec.model}: {e}",
-                                      "use --runtime torch") from e
+                if insists_on_openvino(self.spec):
+                    raise openvino_failed(self.spec, e) from e
                 log.warning("OpenVINO could not run model %s (%s): its images go through torch", self.spec.model, e)
                 self._images_on_torch = True
         return self._request
@@ -270,34 +279,35 @@ class OpenVinoEncoder(Encoder):
             return self._openvino_text
 
     def _load_openvino_text(self) -> Any:
-        from clipsearch.encoders.openvino_text import OpenVinoTextTower, load_text_meta
+        from clipsearch.encoders.openvino_text import load_text_meta
 
         try:
             meta = load_text_meta(self._folder, self._key)
         except ExportUnsupported as e:
             log.debug("texts of %s go through torch: %s", self.model_id, e)
             return None
-        exported_now = meta is None
-        if exported_now:  # a cache from before text towers were exported
-            meta = self._export_text_tower()
-        for attempt in range(2):
-            if meta is None:
+        if meta is None:  # a cache from before text towers were exported
+            return self._compiled_text_tower(self._export_text_tower(), cached=False)
+        return self._compiled_text_tower(meta, cached=True)
+
+    def _compiled_text_tower(self, meta: dict | None, cached: bool) -> Any:
+        """The text tower `meta` describes, compiled; a cached one that will not compile is exported once more."""
+        from clipsearch.encoders.openvino_text import OpenVinoTextTower
+
+        if meta is None:
+            return None
+        if int(meta["dim"]) != self.dim:
+            log.warning("the exported text tower of %s has dim %s, its image tower %d: texts use torch",
+                        self.model_id, meta["dim"], self.dim)
+            return None
+        try:
+            return OpenVinoTextTower(self._folder, self._key, meta, self.precision)
+        except Exception as e:  # noqa: BLE001 - a damaged cache file or OpenVINO failing: torch still works
+            if not cached:
+                log.warning("OpenVINO could not compile the text tower of %s (%s): texts use torch", self.model_id, e)
                 return None
-            if int(meta["dim"]) != self.dim:
-                log.warning("the exported text tower of %s has dim %s, its image tower %d: texts use torch",
-                            self.model_id, meta["dim"], self.dim)
-                return None
-            try:
-                return OpenVinoTextTower(self._folder, self._key, meta, self.precision)
-            except Exception as e:  # noqa: BLE001 - a damaged cache file or OpenVINO failing: torch still works
-                if exported_now or attempt:
-                    log.warning("OpenVINO could not compile the text tower of %s (%s): texts use torch",
-                                self.model_id, e)
-                    return None
-                log.info("cannot compile the cached OpenVINO text tower of %s (%s): exporting it again",
-                         self.model_id, e)
-                meta = self._export_text_tower()
-        return None
+            log.info("cannot compile the cached OpenVINO text tower of %s (%s): exporting it again", self.model_id, e)
+            return self._compiled_text_tower(self._export_text_tower(), cached=False)
 
     def _export_text_tower(self) -> dict | None:
         from clipsearch.encoders.openclip import OpenClipEncoder
