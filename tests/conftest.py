@@ -11,6 +11,22 @@ CATALOG_BACKENDS = ("sqlite", "postgresql")
 pytest_plugins = ["tests.postgres_fixtures"]
 
 
+def pytest_configure(config):
+    """Point the user cache at a temporary folder for the whole session: module-scoped fixtures load models before
+    the per-test isolated_cache applies, and no test may write into the real ~/.cache."""
+    import os
+    import tempfile
+
+    config._clipsearch_cache = tempfile.TemporaryDirectory(prefix="clipsearch-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = config._clipsearch_cache.name
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_clipsearch_cache", None)
+    if cache is not None:
+        cache.cleanup()
+
+
 def pytest_generate_tests(metafunc):
     """Tests marked both_catalogs run once per catalog database (PostgreSQL from tests/install-postgres.sh)."""
     if metafunc.definition.get_closest_marker("both_catalogs") and "db_backend" in metafunc.fixturenames:

@@ -250,6 +250,7 @@ def test_export_is_cached_and_a_cached_load_imports_no_torch(cache_dir, ov_fp32)
     assert {p.suffix for p in folder.glob(f"{key}.*")} == {".xml", ".bin", ".json"}
     meta = json.loads((folder / f"{key}.json").read_text())
     assert meta["model_id"] == ov_fp32.model_id and meta["export_agreement"] >= 0.9999
+    assert meta["class_token_cut"] is True  # the exported tower runs the last block for the class token only
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no scratch folder left behind
     got = encode_in_a_new_process(cache_dir, "e.encode_images([e.preprocess(Image.new('RGB', (80, 60), 'red'))])")
     assert got == f"OpenVinoEncoder (1, {ov_fp32.dim}) []"
@@ -288,7 +289,7 @@ def test_a_damaged_export_is_made_again(tmp_path, ov_fp32):
 def test_a_failed_export_falls_back_to_torch_once_and_for_all(tmp_path, monkeypatch, caplog):
     calls = []
 
-    def broken(visual, model_id, size):
+    def broken(visual, tower, model_id, size):
         calls.append(1)
         raise RuntimeError("unsupported operator aten::frobnicate")
 

@@ -25,7 +25,7 @@ from clipsearch.encoders import remove_abandoned
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: metadata says whether the image class-token cut was verified
 
 
 def cache_key(kind: str, model: str, pretrained: str | None, quick_gelu: bool) -> str | None:

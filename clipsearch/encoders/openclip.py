@@ -23,6 +23,7 @@ from clipsearch.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Encoder, Encode
 from clipsearch.encoders import is_random_weights, looks_like_path, model_id_for, resolve_device, split_reference
 from clipsearch.encoders import built_model_folder, warn_random_weights
 from clipsearch.encoders.model_cache import cache_key, load_built, save_built
+from clipsearch.encoders.image_cut import find_class_token_tower, plan_image_cut
 from clipsearch.encoders.text_cut import find_causal_tower, plan_text_cut
 from clipsearch.errors import ConfigError, UnknownModelError, WeightsUnavailableError
 
@@ -298,6 +299,11 @@ def _precision_plan(device: str, precision: str) -> tuple[torch.dtype, bool]:
     return torch.float32, False
 
 
+def _image_size(model: torch.nn.Module) -> int:
+    size = model.visual.preprocess_cfg.get("size", 224)
+    return int(max(size) if isinstance(size, (tuple, list)) else size)
+
+
 class OpenClipEncoder(Encoder):
     """An open_clip model from a tag, weights file, none (seeded random), hf-hub: or local-dir: source."""
 
@@ -322,22 +328,31 @@ class OpenClipEncoder(Encoder):
             self._tokenizer = open_clip.get_tokenizer(source.model, cache_dir=cache_dir)
             # The cut was verified in fp32 when the cache was written; the tower found now is that same code path.
             self._text_tower = find_causal_tower(model)[0] if metadata.get("text_cut") == "verified" else None
+            self._image_tower = find_class_token_tower(model)[0] if metadata.get("image_cut") == "verified" else None
         else:
             model = self._build_first_time(spec, source, cache_dir).eval()
             # Decided in fp32 on the CPU, before any conversion, so the check is exact whatever precision runs.
             self._text_tower = plan_text_cut(model, self._tokenizer, "cpu")
+            self._image_tower = plan_image_cut(model, _image_size(model))
             model = model.to(dtype=self._dtype)
             if key and cache_built:
-                save_built(built_model_folder(cache_dir), key, model, {"text_cut": "verified" if self._text_tower else "off"})
+                save_built(built_model_folder(cache_dir), key, model, {
+                    "text_cut": "verified" if self._text_tower else "off",
+                    "image_cut": "verified" if self._image_tower else "off"})
         if source.kind == "random":
             warn_random_weights(spec.model, spec.pretrained)
         self.text_truncation = self._text_tower is not None
         self.model = model.to(self.device).eval()
-        size = self.model.visual.preprocess_cfg.get("size", 224)
-        self.image_size = int(max(size) if isinstance(size, (tuple, list)) else size)
+        self.image_size = _image_size(self.model)
         self.dim = int(getattr(self.model.visual, "output_dim", 0) or self._probe_dim())
-        log.info("loaded %s on %s (%s), dim %d, text truncation %s", self.model_id, self.device, self.precision,
-                 self.dim, "on" if self.text_truncation else "off")
+        log.info("loaded %s on %s (%s), dim %d, text truncation %s, image class-token cut %s", self.model_id,
+                 self.device, self.precision, self.dim, "on" if self.text_truncation else "off",
+                 "on" if self._image_tower is not None else "off")
+
+    @property
+    def image_tower(self) -> torch.nn.Module | None:
+        """The verified class-token cut of the image tower (same features as model.visual), or None."""
+        return self._image_tower
 
     @property
     def tokenizer(self) -> Any:
@@ -389,7 +404,9 @@ class OpenClipEncoder(Encoder):
         """preprocess() outputs -> float32 [n, dim], L2-normalised rows."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._run(self.model.encode_image, torch.stack(list(batch)), cast=True)
+        # The cut tower (class token only in the last block) gives the same features with less work.
+        tower = self.model.encode_image if self._image_tower is None else self._image_tower
+        return self._run(tower, torch.stack(list(batch)), cast=True)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [n, dim], L2-normalised rows."""

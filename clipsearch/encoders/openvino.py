@@ -38,7 +38,7 @@ from clipsearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-IR_FORMAT = 1
+IR_FORMAT = 2  # 2: the image tower exported with the class-token cut where verified
 MAX_BATCH = 4096  # upper bound of the exported dynamic batch dimension
 EXPORT_AGREEMENT = 0.9999  # min cosine between the exported tower (fp32) and torch (fp32) on a check batch
 SUPPORTED_RESIZE_MODES = ("shortest", "squash")
@@ -390,9 +390,11 @@ def export_image_tower(spec: EncoderSpec, folder: Path, key: str, text: bool = T
     if text:  # while the whole model is loaded; never fails this export (texts then stay on torch)
         export_text_tower(torch_encoder, folder, key)  # written now: holding it would add to the peak below
     model_id, image_size, visual = torch_encoder.model_id, torch_encoder.image_size, torch_encoder.model.visual
+    # The class-token cut when verified (same features, less work); the export is checked against the full tower.
+    exported_tower = visual if torch_encoder.image_tower is None else torch_encoder.image_tower
     del torch_encoder  # the text tower goes: peak memory of a first run matters on small machines
     try:
-        meta = _convert_and_save(folder, key, visual, model_id, image_size)
+        meta = _convert_and_save(folder, key, visual, exported_tower, model_id, image_size)
     except ExportUnsupported:
         _discard(folder, text_stem(key))  # never used without the image tower: no disk spent on it
         raise
@@ -401,10 +403,10 @@ def export_image_tower(spec: EncoderSpec, folder: Path, key: str, text: bool = T
     return meta
 
 
-def _convert_and_save(folder: Path, key: str, visual: Any, model_id: str, image_size: int) -> dict:
-    """Convert, check and save the image tower; its metadata, or ExportUnsupported (marked when the model's fault)."""
+def _convert_and_save(folder: Path, key: str, visual: Any, tower: Any, model_id: str, image_size: int) -> dict:
+    """Convert `tower` (visual or its cut), check it against visual and save it; its metadata, or ExportUnsupported."""
     try:
-        meta, ov_model = _convert(visual, model_id, image_size)
+        meta, ov_model = _convert(visual, tower, model_id, image_size)
         meta["random"] = "/random" in model_id
     except ExportUnsupported as e:
         mark_unsupported(folder, key, str(e), "image tower")
@@ -432,8 +434,8 @@ def _discard(folder: Path, stem: str) -> None:
             pass
 
 
-def _convert(visual: Any, model_id: str, size: int) -> tuple[dict, Any]:
-    """(sidecar metadata, OpenVINO model) of an fp32 image tower, checked against torch on a random batch."""
+def _convert(visual: Any, tower: Any, model_id: str, size: int) -> tuple[dict, Any]:
+    """(sidecar metadata, OpenVINO model) of an fp32 image tower (`tower`), checked against torch's `visual`."""
     import openvino as ov
     import torch
     from torch.export import Dim, export
@@ -447,7 +449,7 @@ def _convert(visual: Any, model_id: str, size: int) -> tuple[dict, Any]:
         expected = torch.nn.functional.normalize(visual(check).float(), dim=-1).numpy()
     with torch.no_grad():
         # Batch 2 as the example: a batch of 1 would be specialised into the graph.
-        exported = export(visual, (check[:2],), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+        exported = export(tower, (check[:2],), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
     ov_model = ov.convert_model(exported)
     del exported
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, size, size])})
@@ -458,7 +460,7 @@ def _convert(visual: Any, model_id: str, size: int) -> tuple[dict, Any]:
     if not agreement >= EXPORT_AGREEMENT:
         raise ExportUnsupported(f"exported tower disagrees with torch (cosine {agreement:.5f})")
     meta = {"format": IR_FORMAT, "model_id": model_id, "dim": int(expected.shape[1]),
-            "preprocess_cfg": cfg, "export_agreement": agreement}
+            "preprocess_cfg": cfg, "export_agreement": agreement, "class_token_cut": tower is not visual}
     return meta, ov_model
 
 
