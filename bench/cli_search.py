@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rclip", help="path to an rclip 3.3 executable (own venv) to time side by side")
     args = parser.parse_args()
+    if args.rclip:  # rclip runs in the photo folder: a relative path must not move with it
+        args.rclip = os.path.abspath(args.rclip)
     if not args.folder.is_dir():
         raise SystemExit(f"{args.folder} is not a folder: give one of photos to index")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--no-torch-reference", action="store_true",
                    help="when the runtime is OpenVINO, skip timing the torch runtime (model and whole process) beside it")
     args = p.parse_args()
+    if args.rclip:  # rclip runs in the photo folder: a relative path must not move with it
+        args.rclip = os.path.abspath(args.rclip)
 
     with tempfile.TemporaryDirectory(prefix="clipsearch-bench-") as scratch:
         scratch = Path(scratch)
