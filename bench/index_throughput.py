@@ -7,6 +7,8 @@ Measures, in one process and side by side:
            is OpenVINO, the same inputs through the torch runtime too (over_torch)
   index    index_folders into a fresh temporary library (model loaded once beforehand and passed in, so
            model_load_s is reported apart and excluded), repeated --repeat times with the median
+  gpu jpeg with --gpu-jpeg-decode and a CUDA model, the index runs again with JPEGs decoded on the GPU
+           (index_gpu_jpeg_decode.over_decoding_threads: its images/s over the runs above)
   memory   peak resident set size of the process, also sampled after each phase
   whole    `clipsearch index` as a separate process (start-up included), then again on the unchanged folder;
            with --rclip, rclip 3.3 the same way (fresh index, then a rerun); when the runtime is OpenVINO,
@@ -125,6 +127,20 @@ def model_pass(encoder, inputs: list, batch_size: int) -> dict:
             "images_per_s": round(images / seconds, 2)}
 
 
+def index_runs(base: dict, folder: Path, encoder, repeat: int, label: str = "") -> list[dict]:
+    """index_folders into a fresh temporary library `repeat` times, with the loaded encoder; one dict per run."""
+    runs = []
+    for i in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="clipsearch-bench-lib-") as data_dir:
+            report = index_folders(load_settings({**base, "data_dir": data_dir}, env={}), [folder], encoder=encoder)
+        runs.append({"images_per_s": round(report.images_per_second, 2), "seconds": round(report.seconds, 3),
+                     "embedded": report.embedded, "failed": len(report.failed),
+                     "decode_seconds": round(report.decode_seconds, 3),
+                     "encode_seconds": round(report.encode_seconds, 3)})
+        log(f"{label}index run {i + 1}/{repeat}: {runs[-1]}")
+    return runs
+
+
 def ratios(index_ips: float, references: dict) -> dict:
     """clipsearch relative to each reference measured in this run (higher is better for clipsearch)."""
     out = {}
@@ -156,6 +172,8 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the plain open_clip fp32 full-decode loop")
     p.add_argument("--no-whole-process", action="store_true", help="skip timing `clipsearch index` as a whole process")
     p.add_argument("--rclip", help="path to an rclip 3.3 executable (own venv) to time side by side")
+    p.add_argument("--gpu-jpeg-decode", action="store_true",
+                   help="on a CUDA model, also time indexing with JPEGs decoded on the GPU (setting gpu_jpeg_decode)")
     p.add_argument("--no-torch-reference", action="store_true",
                    help="when the runtime is OpenVINO, skip timing the torch runtime (model and whole process) beside it")
     args = p.parse_args()
@@ -220,16 +238,13 @@ def main() -> None:
             del torch_encoder, torch_inputs
         del inputs
 
-        runs = []
-        for i in range(args.repeat):
-            with tempfile.TemporaryDirectory(prefix="clipsearch-bench-lib-") as data_dir:
-                run_settings = load_settings({**base, "data_dir": data_dir}, env={})
-                report = index_folders(run_settings, [folder], encoder=encoder)
-            runs.append({"images_per_s": round(report.images_per_second, 2), "seconds": round(report.seconds, 3),
-                         "embedded": report.embedded, "failed": len(report.failed),
-                         "decode_seconds": round(report.decode_seconds, 3),
-                         "encode_seconds": round(report.encode_seconds, 3)})
-            log(f"index run {i + 1}/{args.repeat}: {runs[-1]}")
+        runs = index_runs(base, folder, encoder, args.repeat)
+        gpu_jpeg = None
+        if args.gpu_jpeg_decode:  # the same runs again, with JPEGs decoded on the GPU
+            if encoder.decodes_jpegs():
+                gpu_jpeg = index_runs({**base, "gpu_jpeg_decode": True}, folder, encoder, args.repeat, "gpu_jpeg_decode ")
+            else:
+                log("--gpu-jpeg-decode: the model does not run on a CUDA GPU with torchvision's JPEG decoder; skipped")
         rss["after_index"] = peak_rss_mb()
 
         references = {}
@@ -268,6 +283,10 @@ def main() -> None:
         "model_images_per_s": model["images_per_s"], "model": model,
         "index": {"images_per_s": median_ips, "runs": runs},
         "index_vs_model": round(median_ips / model["images_per_s"], 3),
+        **({"index_gpu_jpeg_decode": {
+            "images_per_s": statistics.median(r["images_per_s"] for r in gpu_jpeg), "runs": gpu_jpeg,
+            "over_decoding_threads": round(statistics.median(r["images_per_s"] for r in gpu_jpeg) / median_ips, 2),
+        }} if gpu_jpeg else {}),
         "references": references,
         "ratios": ratios(median_ips, references),
         "peak_rss_mb": peak_rss_mb(), "rss_mb_by_phase": rss,

@@ -15,7 +15,7 @@ from clipsearch.errors import ClipsearchError
 LIBRARY_SETTINGS = ("data_dir", "db")
 ENCODER_SETTINGS = LIBRARY_SETTINGS + ("model", "pretrained", "device", "precision", "runtime", "model_cache_dir", "vector_index",
                                       "log_level")
-INDEX_SETTINGS = ENCODER_SETTINGS + ("batch_size", "workers", "max_image_pixels", "include_hidden", "follow_symlinks")
+INDEX_SETTINGS = ENCODER_SETTINGS + ("batch_size", "workers", "gpu_jpeg_decode", "max_image_pixels", "include_hidden", "follow_symlinks")
 WATCH_SETTINGS = ("watch_polling", "watch_poll_seconds", "watch_settle_seconds", "watch_rescan_minutes")
 
 

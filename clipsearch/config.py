@@ -86,6 +86,11 @@ class Settings:
         0, "Image decoding threads when indexing; 0 picks one per CPU core (at most 8, or 32 when a GPU runs the model).",
         zero_ok=True,
     )
+    gpu_jpeg_decode: bool = _setting(
+        False,
+        "When the model runs on CUDA, decode JPEGs on the GPU (torchvision's nvJPEG) instead of in decoding threads. "
+        "Off by default until measured to help: bench/index_throughput.py --gpu-jpeg-decode times both ways.",
+    )
     max_image_pixels: int = _setting(
         100_000_000, "Images with more pixels than this are refused as decompression bombs."
     )

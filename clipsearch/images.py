@@ -239,6 +239,29 @@ def _reduce_towards(img: Image.Image, target_size: int) -> Image.Image:
     return img.reduce(factor) if factor >= 2 else img
 
 
+def read_jpeg_header(data: bytes, max_pixels: int) -> ImageInfo | None:
+    """ImageInfo of a JPEG a GPU decoder can take as it is (RGB or greyscale, within max_pixels); else None.
+
+    Reads only the header and EXIF. None sends the file down open_image's path, which decodes what this
+    refuses (CMYK, odd files) or reports it in its own words.
+    """
+    register_image_formats()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if not isinstance(img, JpegImageFile) or img.mode not in ("RGB", "L"):
+                return None
+            width, height = img.size
+            if width * height > max_pixels:
+                return None
+            taken_at, orientation = _read_exif(img)
+    except Exception as e:  # noqa: BLE001 - anything odd is for open_image to decode or explain
+        log.debug("not a plain JPEG (%s)", e)
+        return None
+    if orientation in _SWAPS_SIDES:
+        width, height = height, width
+    return ImageInfo(width, height, "JPEG", taken_at, orientation)
+
+
 def open_image(
     source: bytes | str | os.PathLike, *, max_pixels: int, target_size: int | None = None
 ) -> tuple[Image.Image, ImageInfo]:

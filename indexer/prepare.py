@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from clipsearch.errors import ImageDecodeError
-from clipsearch.images import ImageInfo, open_image, read_image_bytes
+from clipsearch.images import ImageInfo, open_image, read_image_bytes, read_jpeg_header
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Prepared:
     decode_seconds: float
     target_size: int | None = None  # the model side it was decoded for (JPEG draft and reduce stay above it)
     image: Any = None  # the decoded PIL image while model_input is None
+    jpeg: bytes | None = None  # a JPEG's bytes, left for the model's device to decode (model_input None)
 
 
 @dataclass
@@ -77,8 +81,12 @@ def prepare(
     image_size: int,
     max_pixels: int,
     find_moved: Callable[[str, Candidate], list[int]] | None,
+    jpeg_on_device: bool = False,
 ) -> Prepared | Unchanged | MaybeMoved | Failed:
-    """Turn one file into model input (preprocess None: a decoded image), or say why not (never raises for a bad file)."""
+    """Turn one file into model input (preprocess None: a decoded image), or say why not (never raises for a bad file).
+
+    jpeg_on_device: a plain JPEG is only parsed (header, EXIF) and keeps its bytes, for the model's device to decode.
+    """
     started = time.perf_counter()
     try:
         data = read_image_bytes(candidate.path)
@@ -91,6 +99,10 @@ def prepare(
         row_ids = find_moved(digest, candidate)
         if row_ids:
             return MaybeMoved(candidate, digest, row_ids)
+    if jpeg_on_device:
+        info = read_jpeg_header(data, max_pixels)
+        if info is not None:
+            return Prepared(candidate, digest, info, None, time.perf_counter() - started, image_size, jpeg=data)
     try:
         image, info = open_image(data, max_pixels=max_pixels, target_size=image_size)
         model_input = preprocess(image) if preprocess is not None else None
@@ -109,6 +121,38 @@ def preprocess_decoded(item: Prepared, preprocess: Callable) -> Prepared | Faile
     except Exception as e:  # as in prepare()
         return _preprocessing_failed(item.candidate, e, item.content_hash)
     return item
+
+
+def decode_jpeg_on_cpu(item: Prepared, preprocess: Callable, image_size: int, max_pixels: int) -> Prepared | Failed:
+    """Decode with Pillow a JPEG the model's device could not (its bytes are kept: the file is not read again)."""
+    try:
+        image, item.info = open_image(item.jpeg, max_pixels=max_pixels, target_size=image_size)
+        item.model_input, item.jpeg = preprocess(image), None
+    except ImageDecodeError as e:
+        return Failed(item.candidate, e.reason, item.content_hash)
+    except Exception as e:  # as in prepare()
+        return _preprocessing_failed(item.candidate, e, item.content_hash)
+    return item
+
+
+def decode_on_device(items: list[Prepared], encoder: Any, max_pixels: int) -> list[Prepared | Failed]:
+    """Decode on the model's device the JPEGs prepare() left as bytes, in one call; Pillow for any it cannot."""
+    if not items:
+        return []
+    try:
+        inputs = encoder.decode_jpegs([item.jpeg for item in items], [item.info.orientation for item in items])
+    except Exception as e:  # noqa: BLE001 - out of GPU memory, a driver error: this batch goes through Pillow
+        log.warning("decoding %d JPEGs on %s failed (%s: %s); decoding them with Pillow", len(items),
+                    getattr(encoder, "device", "the model's device"), type(e).__name__, e)
+        inputs = [None] * len(items)
+    out: list[Prepared | Failed] = []
+    for item, model_input in zip(items, inputs):
+        if model_input is None:
+            out.append(decode_jpeg_on_cpu(item, encoder.preprocess, encoder.image_size, max_pixels))
+        else:
+            item.model_input, item.jpeg = model_input, None
+            out.append(item)
+    return out
 
 
 def _preprocessing_failed(candidate: Candidate, error: Exception, digest: str) -> Failed:

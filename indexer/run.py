@@ -22,7 +22,7 @@ from clipsearch.encoders.openvino import choose_runtime
 from clipsearch.encoders.background import BackgroundEncoder
 from clipsearch.errors import ConfigError, LibraryError
 from clipsearch.indexer.prepare import Candidate, Failed, MaybeMoved, Prepared, Unchanged, file_still_exists, prepare
-from clipsearch.indexer.prepare import preprocess_decoded
+from clipsearch.indexer.prepare import decode_on_device, preprocess_decoded
 from clipsearch.indexer.scope import Changes, files_in_scopes, hinted_moves, rows_in_scopes
 from clipsearch.indexer.walk import FoundFile, normalise_root, walk_images
 from clipsearch.library import Library
@@ -121,6 +121,7 @@ class Indexer:
         self._gone: dict[str, int] = {}
         self._found: set[str] = set()
         self._renamed: list[tuple[MaybeMoved, int]] = []
+        self._jpegs_on_device: bool | None = None  # decided once the model is loaded
 
     @property
     def encoder(self) -> Encoder:
@@ -262,6 +263,17 @@ class Indexer:
         except ConfigError:  # a bad runtime setting: the load reports it in its own words
             return False
 
+    def _decodes_jpegs(self, encoder: Encoder | None) -> bool:
+        """Whether JPEGs are left for the model's device to decode (setting gpu_jpeg_decode, model loaded)."""
+        if encoder is None or not self.settings.gpu_jpeg_decode:
+            return False
+        if self._jpegs_on_device is None:
+            self._jpegs_on_device = encoder.decodes_jpegs()
+            if not self._jpegs_on_device:
+                log.warning("gpu_jpeg_decode is on, but the model does not run on a CUDA GPU with torchvision's "
+                            "JPEG decoder: decoding JPEGs on the CPU")
+        return self._jpegs_on_device
+
     def _process(self, candidates: list[Candidate]) -> None:
         settings = self.settings
         workers = settings.decode_workers(model_on_gpu=self._model_on_gpu())
@@ -280,6 +292,7 @@ class Indexer:
                 prepare, candidate, encoder.preprocess if encoder else None,
                 image_size=encoder.image_size if encoder else self._source.image_size_hint,
                 max_pixels=settings.max_image_pixels, find_moved=self._find_moved,
+                jpeg_on_device=self._decodes_jpegs(encoder),
             ))
 
         try:
@@ -342,10 +355,15 @@ class Indexer:
         return vectors
 
     def _finish_preparing(self, batch: _Batch, encoder: Encoder) -> None:
-        """Preprocess photos decoded before the model was loaded (decoded again if the size guess was too small)."""
+        """Decode on the model's device the JPEGs left as bytes, and preprocess photos decoded before the model was
+        loaded (decoded again if the size guess was too small)."""
         items, batch.prepared = batch.prepared, []
+        on_device = iter(decode_on_device([i for i in items if i.jpeg is not None], encoder,
+                                          self.settings.max_image_pixels))
         for item in items:
-            if item.model_input is None and item.target_size is not None and item.target_size < encoder.image_size:
+            if item.jpeg is not None:
+                self._add(batch, next(on_device))
+            elif item.model_input is None and item.target_size is not None and item.target_size < encoder.image_size:
                 self._add(batch, prepare(item.candidate, encoder.preprocess, image_size=encoder.image_size,
                                          max_pixels=self.settings.max_image_pixels, find_moved=None))
             else:

@@ -73,6 +73,14 @@ class Encoder(abc.ABC):
     def prepare_images(self) -> None:
         """Load now what encode_images loads on first use, if anything (default: nothing to do)."""
 
+    def decodes_jpegs(self) -> bool:
+        """Whether decode_jpegs() decodes JPEGs where the model runs (a CUDA model with torchvision; default: no)."""
+        return False
+
+    def decode_jpegs(self, datas: Sequence[bytes], orientations: Sequence[int | None]) -> list[Any]:
+        """JPEG bytes -> model inputs for encode_images, decoded on the model's device; None for one it can't decode."""
+        raise NotImplementedError("this encoder decodes no JPEGs itself: check decodes_jpegs() first")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({getattr(self, 'model_id', '?')!r}, device={getattr(self, 'device', '?')!r})"
 

@@ -299,6 +299,9 @@ def _precision_plan(device: str, precision: str) -> tuple[torch.dtype, bool]:
     return torch.float32, False
 
 
+_JPEGS_PER_DECODE = 16
+
+
 def _image_size(model: torch.nn.Module) -> int:
     size = model.visual.preprocess_cfg.get("size", 224)
     return int(max(size) if isinstance(size, (tuple, list)) else size)
@@ -385,7 +388,7 @@ class OpenClipEncoder(Encoder):
         return self._run(self.model.encode_image, torch.zeros(1, 3, self.image_size, self.image_size), True).shape[1]
 
     def _run(self, fn, x: torch.Tensor, cast: bool) -> np.ndarray:
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and x.device.type == "cpu":
             # A page-locked copy lets the host-to-device transfer run asynchronously (DMA) instead of staging.
             x = x.pin_memory()
         x = x.to(self.device, dtype=self._dtype if cast else None, non_blocking=True)
@@ -401,12 +404,35 @@ class OpenClipEncoder(Encoder):
         return self._transform(image if image.mode == "RGB" else image.convert("RGB"))
 
     def encode_images(self, batch: Sequence[torch.Tensor]) -> np.ndarray:
-        """preprocess() outputs -> float32 [n, dim], L2-normalised rows."""
+        """preprocess() or decode_jpegs() outputs -> float32 [n, dim], L2-normalised rows."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        inputs = list(batch)
+        if any(t.device.type != "cpu" for t in inputs):  # some decoded on the GPU already: gather them there
+            inputs = [t.to(self.device, non_blocking=True) for t in inputs]
         # The cut tower (class token only in the last block) gives the same features with less work.
         tower = self.model.encode_image if self._image_tower is None else self._image_tower
-        return self._run(tower, torch.stack(list(batch)), cast=True)
+        return self._run(tower, torch.stack(inputs), cast=True)
+
+    def decodes_jpegs(self) -> bool:
+        """Whether decode_jpegs() decodes on this model's device: CUDA with torchvision's nvJPEG decoder."""
+        from clipsearch.encoders.gpu_jpeg import gpu_jpeg_decoding_available, transform_supported
+
+        return gpu_jpeg_decoding_available(self.device) and transform_supported(self.model.visual.preprocess_cfg)
+
+    def decode_jpegs(self, datas: Sequence[bytes], orientations: Sequence[int | None]) -> list[torch.Tensor | None]:
+        """JPEG bytes -> model inputs on the model's device (None: that one must be decoded with Pillow)."""
+        from clipsearch.encoders.gpu_jpeg import decode_jpegs, preprocess_on_device
+
+        cfg = {**self.model.visual.preprocess_cfg, "size": self.image_size}
+        out: list[torch.Tensor | None] = []
+        with torch.inference_mode():
+            # A few at a time: full-size photos take tens of MB each on the GPU until they are resized.
+            for start in range(0, len(datas), _JPEGS_PER_DECODE):
+                images = decode_jpegs(datas[start : start + _JPEGS_PER_DECODE],
+                                      orientations[start : start + _JPEGS_PER_DECODE], self.device)
+                out.extend(None if image is None else preprocess_on_device(image, cfg) for image in images)
+        return out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [n, dim], L2-normalised rows."""
