@@ -357,6 +357,7 @@ class Indexer:
     def _finish_preparing(self, batch: _Batch, encoder: Encoder) -> None:
         """Decode on the model's device the JPEGs left as bytes, and preprocess photos decoded before the model was
         loaded (decoded again if the size guess was too small)."""
+        self._decodes_jpegs(encoder)  # decided by the first batch at the latest, so a useless setting is reported
         items, batch.prepared = batch.prepared, []
         on_device = iter(decode_on_device([i for i in items if i.jpeg is not None], encoder,
                                           self.settings.max_image_pixels))

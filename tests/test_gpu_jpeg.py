@@ -223,3 +223,16 @@ def test_the_setting_on_a_cpu_model_warns_and_decodes_with_pillow(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         vectors, _ = index_vectors(tmp_path, "cpu", photos, gpu_jpeg_decode=True)
     assert len(vectors) == 6 and "decoding JPEGs on the CPU" in caplog.text
+
+
+def test_the_setting_is_reported_even_when_every_photo_was_decoded_before_the_model_loaded(tmp_path, caplog):
+    from clipsearch.indexer.run import index_folders
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "one.jpg").write_bytes(jpeg_bytes(photo(120, 90)))
+    settings = load_settings({"data_dir": tmp_path / "lib", "model": TINY, "pretrained": "none", "device": "cpu",
+                              "precision": "fp32", "runtime": "torch", "gpu_jpeg_decode": True}, env={})
+    with caplog.at_level(logging.WARNING):
+        assert index_folders(settings, [photos]).embedded == 1  # the model loads in the background meanwhile
+    assert "decoding JPEGs on the CPU" in caplog.text
