@@ -103,6 +103,12 @@ def prepare(
         info = read_jpeg_header(data, max_pixels)
         if info is not None:
             return Prepared(candidate, digest, info, None, time.perf_counter() - started, image_size, jpeg=data)
+    return _decoded(candidate, digest, data, preprocess, image_size, max_pixels, started)
+
+
+def _decoded(candidate: Candidate, digest: str, data: bytes, preprocess: Callable | None, image_size: int,
+             max_pixels: int, started: float) -> Prepared | Failed:
+    """Decode a file's bytes with Pillow and preprocess them (preprocess None: keep the decoded image)."""
     try:
         image, info = open_image(data, max_pixels=max_pixels, target_size=image_size)
         model_input = preprocess(image) if preprocess is not None else None
@@ -118,19 +124,7 @@ def preprocess_decoded(item: Prepared, preprocess: Callable) -> Prepared | Faile
     """Preprocess a photo prepare() decoded without a preprocess (the model was still loading)."""
     try:
         item.model_input, item.image = preprocess(item.image), None
-    except Exception as e:  # as in prepare()
-        return _preprocessing_failed(item.candidate, e, item.content_hash)
-    return item
-
-
-def decode_jpeg_on_cpu(item: Prepared, preprocess: Callable, image_size: int, max_pixels: int) -> Prepared | Failed:
-    """Decode with Pillow a JPEG the model's device could not (its bytes are kept: the file is not read again)."""
-    try:
-        image, item.info = open_image(item.jpeg, max_pixels=max_pixels, target_size=image_size)
-        item.model_input, item.jpeg = preprocess(image), None
-    except ImageDecodeError as e:
-        return Failed(item.candidate, e.reason, item.content_hash)
-    except Exception as e:  # as in prepare()
+    except Exception as e:  # as in _decoded()
         return _preprocessing_failed(item.candidate, e, item.content_hash)
     return item
 
@@ -147,8 +141,9 @@ def decode_on_device(items: list[Prepared], encoder: Any, max_pixels: int) -> li
         inputs = [None] * len(items)
     out: list[Prepared | Failed] = []
     for item, model_input in zip(items, inputs):
-        if model_input is None:
-            out.append(decode_jpeg_on_cpu(item, encoder.preprocess, encoder.image_size, max_pixels))
+        if model_input is None:  # from the bytes in hand: the file is not read again
+            out.append(_decoded(item.candidate, item.content_hash, item.jpeg, encoder.preprocess, encoder.image_size,
+                                max_pixels, time.perf_counter() - item.decode_seconds))
         else:
             item.model_input, item.jpeg = model_input, None
             out.append(item)

@@ -121,7 +121,7 @@ class Indexer:
         self._gone: dict[str, int] = {}
         self._found: set[str] = set()
         self._renamed: list[tuple[MaybeMoved, int]] = []
-        self._jpegs_on_device: bool | None = None  # decided once the model is loaded
+        self._jpegs_on_device = False  # decided when the model has loaded
 
     @property
     def encoder(self) -> Encoder:
@@ -130,6 +130,7 @@ class Indexer:
             encoder = self._source.result(self.stop)
             if self._on_encoder is not None:
                 self._on_encoder(encoder)
+            self._jpegs_on_device = self._decodes_jpegs(encoder)
             self._encoder = encoder
         return self._encoder
 
@@ -263,16 +264,15 @@ class Indexer:
         except ConfigError:  # a bad runtime setting: the load reports it in its own words
             return False
 
-    def _decodes_jpegs(self, encoder: Encoder | None) -> bool:
-        """Whether JPEGs are left for the model's device to decode (setting gpu_jpeg_decode, model loaded)."""
-        if encoder is None or not self.settings.gpu_jpeg_decode:
+    def _decodes_jpegs(self, encoder: Encoder) -> bool:
+        """Whether JPEGs are to be left for the model's device to decode (setting gpu_jpeg_decode); warns if it can't."""
+        if not self.settings.gpu_jpeg_decode:
             return False
-        if self._jpegs_on_device is None:
-            self._jpegs_on_device = encoder.decodes_jpegs()
-            if not self._jpegs_on_device:
-                log.warning("gpu_jpeg_decode is on, but the model does not run on a CUDA GPU with torchvision's "
-                            "JPEG decoder: decoding JPEGs on the CPU")
-        return self._jpegs_on_device
+        if not encoder.decodes_jpegs():
+            log.warning("gpu_jpeg_decode is on, but the model does not run on a CUDA GPU with torchvision's "
+                        "JPEG decoder: decoding JPEGs on the CPU")
+            return False
+        return True
 
     def _process(self, candidates: list[Candidate]) -> None:
         settings = self.settings
@@ -292,7 +292,7 @@ class Indexer:
                 prepare, candidate, encoder.preprocess if encoder else None,
                 image_size=encoder.image_size if encoder else self._source.image_size_hint,
                 max_pixels=settings.max_image_pixels, find_moved=self._find_moved,
-                jpeg_on_device=self._decodes_jpegs(encoder),
+                jpeg_on_device=self._jpegs_on_device,  # False until the model has loaded
             ))
 
         try:
@@ -357,7 +357,6 @@ class Indexer:
     def _finish_preparing(self, batch: _Batch, encoder: Encoder) -> None:
         """Decode on the model's device the JPEGs left as bytes, and preprocess photos decoded before the model was
         loaded (decoded again if the size guess was too small)."""
-        self._decodes_jpegs(encoder)  # decided by the first batch at the latest, so a useless setting is reported
         items, batch.prepared = batch.prepared, []
         on_device = iter(decode_on_device([i for i in items if i.jpeg is not None], encoder,
                                           self.settings.max_image_pixels))

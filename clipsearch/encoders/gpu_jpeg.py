@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from clipsearch.encoders.openvino import eval_geometry, transform_unsupported
+
 log = logging.getLogger(__name__)
 
 # EXIF orientation -> the same mapping as ImageOps.exif_transpose, on [C, H, W] tensors (torch's rot90 turns
@@ -28,7 +30,6 @@ _ORIENT = {
     7: lambda x: x.transpose(-2, -1).flip(-2, -1),
     8: lambda x: torch.rot90(x, 1, dims=(-2, -1)),
 }
-RESIZE_MODES = ("shortest", "squash")
 
 
 def gpu_jpeg_decoding_available(device: str) -> bool:
@@ -44,10 +45,7 @@ def gpu_jpeg_decoding_available(device: str) -> bool:
 
 def transform_supported(cfg: dict) -> bool:
     """Whether preprocess_on_device reproduces open_clip's eval transform for this preprocess config."""
-    size = cfg.get("size")
-    square = not isinstance(size, (list, tuple)) or len(set(size)) == 1
-    return (square and cfg.get("resize_mode", "shortest") in RESIZE_MODES
-            and len(cfg.get("mean", ())) == 3 and len(cfg.get("std", ())) == 3)
+    return transform_unsupported(cfg) is None  # the transforms openvino.preprocess_image reproduces too
 
 
 def decode_jpegs(datas: Sequence[bytes], orientations: Sequence[int | None], device: str) -> list[torch.Tensor | None]:
@@ -92,17 +90,11 @@ def preprocess_on_device(image: torch.Tensor, cfg: dict) -> torch.Tensor:
         if factor >= 2:
             x = F.avg_pool2d(x.unsqueeze(0).float(), factor, ceil_mode=True)[0].round_().to(torch.uint8)
     height, width = x.shape[-2:]
-    if cfg.get("resize_mode") == "squash":
-        target = (size, size)
-    elif width <= height:  # torchvision Resize(int): shortest side to `size`, the other truncated
-        target = (int(size * height / width), size)
-    else:
-        target = (size, int(size * width / height))
-    if target != (height, width):
+    new_width, new_height, left, top = eval_geometry(width, height, size, cfg.get("resize_mode"))
+    if (new_height, new_width) != (height, width):
         # torchvision's uint8 antialiased resize is the one written to match Pillow's (within 1 level).
         mode = InterpolationMode.BILINEAR if cfg.get("interpolation") == "bilinear" else InterpolationMode.BICUBIC
-        x = resize(x, list(target), interpolation=mode, antialias=True)
-    top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+        x = resize(x, [new_height, new_width], interpolation=mode, antialias=True)
     x = x[:, top : top + size, left : left + size].float() / 255.0
     mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=x.device)[:, None, None]
     std = torch.tensor(cfg["std"], dtype=torch.float32, device=x.device)[:, None, None]

@@ -340,8 +340,8 @@ class OpenClipEncoder(Encoder):
             model = model.to(dtype=self._dtype)
             if key and cache_built:
                 save_built(built_model_folder(cache_dir), key, model, {
-                    "text_cut": "verified" if self._text_tower else "off",
-                    "image_cut": "verified" if self._image_tower else "off"})
+                    "text_cut": "verified" if self._text_tower is not None else "off",
+                    "image_cut": "verified" if self._image_tower is not None else "off"})
         if source.kind == "random":
             warn_random_weights(spec.model, spec.pretrained)
         self.text_truncation = self._text_tower is not None

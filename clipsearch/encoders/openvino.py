@@ -131,19 +131,10 @@ def preprocess_image(image: Any, cfg: dict) -> np.ndarray:
     resample = Image.BILINEAR if cfg.get("interpolation") == "bilinear" else Image.BICUBIC  # open_clip: else bicubic
     if image.mode != "RGB":
         image = image.convert("RGB")
-    width, height = image.size
-    if cfg.get("resize_mode") == "squash":
-        if (width, height) != (size, size):
-            image = image.resize((size, size), resample)
-    else:
-        # torchvision's Resize(int) on a PIL image: shortest side to `size`, the other truncated, then CenterCrop.
-        if width <= height:
-            new_width, new_height = size, int(size * height / width)
-        else:
-            new_width, new_height = int(size * width / height), size
-        if (new_width, new_height) != (width, height):
-            image = image.resize((new_width, new_height), resample)
-        top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    new_width, new_height, left, top = eval_geometry(*image.size, size, cfg.get("resize_mode"))
+    if (new_width, new_height) != image.size:
+        image = image.resize((new_width, new_height), resample)
+    if (new_width, new_height) != (size, size):
         image = image.crop((left, top, left + size, top + size))
     pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     out = pixels.astype(np.float32) / np.float32(255)  # float32 throughout, as ToTensor and Normalize compute
@@ -152,16 +143,35 @@ def preprocess_image(image: Any, cfg: dict) -> np.ndarray:
     return out
 
 
+def eval_geometry(width: int, height: int, size: int, resize_mode: str | None) -> tuple[int, int, int, int]:
+    """(width, height, left, top): what open_clip's eval transform resizes an image to, and where it crops size x size."""
+    if resize_mode == "squash":
+        return size, size, 0, 0
+    # torchvision's Resize(int) on a PIL image: shortest side to `size`, the other truncated, then CenterCrop.
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    return new_width, new_height, int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+
+
+def transform_unsupported(cfg: dict) -> str | None:
+    """Why this eval transform is one preprocess_image() (and gpu_jpeg's twin) does not reproduce; None if it is not."""
+    size = cfg.get("size")
+    if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+        return f"non-square input size {size}"
+    if cfg.get("resize_mode", "shortest") not in SUPPORTED_RESIZE_MODES:
+        return f"resize mode {cfg.get('resize_mode')}"
+    if len(cfg.get("mean", ())) != 3 or len(cfg.get("std", ())) != 3:
+        return "mean/std not given per RGB channel"
+    return None
+
+
 def check_preprocess_cfg(cfg: dict) -> None:
     """Raise ExportUnsupported for an eval transform preprocess_image() does not reproduce."""
-    size = cfg.get("size")
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ExportUnsupported(f"non-square input size {size}")
-    if cfg.get("resize_mode", "shortest") not in SUPPORTED_RESIZE_MODES:
-        raise ExportUnsupported(f"resize mode {cfg.get('resize_mode')}")
-    if len(cfg.get("mean", ())) != 3 or len(cfg.get("std", ())) != 3:
-        raise ExportUnsupported("mean/std not given per RGB channel")
+    reason = transform_unsupported(cfg)
+    if reason is not None:
+        raise ExportUnsupported(reason)
 
 
 class OpenVinoEncoder(Encoder):
