@@ -270,7 +270,8 @@ class Indexer:
             return False
         if not encoder.decodes_jpegs():
             log.warning("gpu_jpeg_decode is on, but the model does not run on a CUDA GPU with torchvision's "
-                        "JPEG decoder: decoding JPEGs on the CPU")
+                        "JPEG decoder: decoding JPEGs on the CPU (run the model with --device cuda, or drop "
+                        "--gpu-jpeg-decode)")
             return False
         return True
 
